@@ -1,0 +1,226 @@
+"""The `fastavts` command. Subcommands take positional arguments, a few flags, an optional
+`--config FILE.yaml` and any number of `section.key=value` overrides, in that order of
+precedence (overrides win). Only subcommands that work are listed."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from .config import ConfigError, DataConfig, PrepareConfig, SynthConfig, build_config, describe
+
+EPILOG_OVERRIDES = ("Any setting can be changed with section.key=value after the arguments, "
+                    "e.g. prepare.workers=4 or data.fps=30; `fastavts info --config` lists them.")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", metavar="FILE.yaml",
+                   help="YAML file with settings that differ from the defaults (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="settings overrides, applied last")
+
+
+def _flags_to_tree(args, mapping: dict) -> dict:
+    tree: dict = {}
+    for attr, key in mapping.items():
+        v = getattr(args, attr, None)
+        if v is not None:
+            section, name = key.split(".")
+            tree.setdefault(section, {})[name] = v
+    return tree
+
+
+def _split_overrides(args) -> None:
+    """argparse puts OUT-like words and overrides in one list for nargs='*': keep key=value."""
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"unexpected argument(s) {bad}: settings are given as "
+                          f"section.key=value (for example prepare.workers=4)")
+
+
+def cmd_synth(args) -> int:
+    from .data.synth import synthesize
+
+    _split_overrides(args)
+    cfg = build_config(args.config, args.overrides, _flags_to_tree(args, {
+        "videos": "synth.videos", "seed": "synth.seed", "codec": "synth.codec",
+        "workers": "synth.workers", "min_duration": "synth.min_duration",
+        "max_duration": "synth.max_duration"}))
+    s = synthesize(args.out, cfg, progress=not args.quiet)
+    print(f"synth: {s['made']} videos made, {s['skipped']} already there, in {args.out} "
+          f"({cfg.synth.codec}, {s['wall_s']:.1f} s)", file=sys.stderr)
+    print(json.dumps(s))
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .data.prepare import prepare
+
+    _split_overrides(args)
+    cfg = build_config(args.config, args.overrides, _flags_to_tree(args, {
+        "workers": "prepare.workers", "codec": "prepare.codec",
+        "short_side": "prepare.short_side", "segment_seconds": "prepare.segment_seconds",
+        "keyframe_interval": "prepare.keyframe_interval", "fps": "data.fps"}))
+    command = "fastavts " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["prepare"] else ""
+    try:
+        s = prepare(args.src, args.out, cfg, progress=not args.quiet,
+                    retry_rejected=args.retry_rejected, command=command)
+    except KeyboardInterrupt as e:
+        s = e.args[0] if e.args and isinstance(e.args[0], dict) else None
+        done = f"{s['prepared']} prepared and {s['rejected']} rejected inputs are saved; " if s else ""
+        print(f"\ninterrupted: {done}run the same command again to resume.", file=sys.stderr)
+        return 130
+    reasons = ", ".join(f"{n} {k}" for k, n in sorted(s["rejected_by_reason"].items()))
+    print(f"prepare: {s['prepared']} of {s['inputs']} inputs usable, {s['rejected']} rejected"
+          f"{' (' + reasons + ')' if reasons else ''}; "
+          f"{s['processed_this_run']} processed in this run in {s['wall_s']:.1f} s "
+          f"({s['videos_per_s'] or 0:.2f} videos/s, {s['audio_hours_per_s'] or 0:.4f} "
+          f"audio-hours/s, {s['workers']} workers, codec {s['codec']}).", file=sys.stderr)
+    if s["not_videos_ignored"]:
+        print(f"prepare: {s['not_videos_ignored']} files without a video extension were not "
+              f"inputs (e.g. {', '.join(s['ignored_examples'][:3])}); see "
+              f"prepare.extensions.", file=sys.stderr)
+    if s["rejected"]:
+        print(f"prepare: reasons per file in {Path(args.out) / 'rejected.jsonl'}", file=sys.stderr)
+    print(json.dumps(s))
+    return 0
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("fastavts", "torch", "numpy", "av", "nvidia-dali-cuda130", "triton", "omegaconf",
+                 "tqdm"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine()}
+    try:
+        import torch
+        info["cuda"] = torch.cuda.is_available()
+        if info["cuda"]:
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["cuda_version"] = torch.version.cuda
+    except ImportError:
+        info["cuda"] = False
+    return info
+
+
+def cmd_info(args) -> int:
+    if args.config_schema:
+        for section, cls in (("data", DataConfig), ("synth", SynthConfig),
+                             ("prepare", PrepareConfig)):
+            print(f"{section}:")
+            for name, default, help in describe(cls):
+                print(f"  {name} = {default!r}\n      {help}")
+        return 0
+    report = {"versions": _versions(), "machine": machine_info()}
+    if args.dataset:
+        from .data.dataset import Dataset
+        from collections import Counter
+
+        ds = Dataset.open(args.dataset)
+        labels = Counter(v.get("label") for v in ds.videos)
+        reasons = Counter(r["reason"].split(":")[0].split("(")[0].strip() for r in ds.rejected)
+        report["dataset"] = {
+            "path": str(args.dataset), "videos": len(ds.videos), "rejected": len(ds.rejected),
+            "hours": round(sum(v["duration"] for v in ds.videos) / 3600, 4),
+            "codecs": dict(Counter(v["codec"] for v in ds.videos)),
+            "fps": sorted({v["fps"] for v in ds.videos}),
+            "sizes": dict(Counter(f"{v['width']}x{v['height']}" for v in ds.videos)),
+            "labels": {str(k): n for k, n in labels.most_common(20)},
+            "rejected_by_reason": dict(reasons),
+            "sample_rate": ds.sample_rate,
+        }
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    for section, d in report.items():
+        print(f"{section}:")
+        for k, v in d.items():
+            print(f"  {k}: {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="fastavts", description="Self-supervised audio-visual synchronization, fast.",
+        epilog=EPILOG_OVERRIDES)
+    parser.add_argument("--version", action="version", version=f"fastavts {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="generate the synthetic audio-visual set",
+                       description="Generate videos of bouncing objects whose floor impacts make "
+                       "sounds (real VP9+Opus webm or H.264+AAC mp4 files, one JSON sidecar "
+                       "each with labels and impact times). Same seed, same files.",
+                       epilog=EPILOG_OVERRIDES)
+    p.add_argument("out", help="output folder")
+    p.add_argument("--videos", type=int, help="number of videos (default 64)")
+    p.add_argument("--seed", type=int, help="seed (default 0)")
+    p.add_argument("--codec", choices=("vp9", "h264"), help="vp9 (CPU decoding) or h264 (GPU)")
+    p.add_argument("--min-duration", type=float, help="shortest video in s (default 4)")
+    p.add_argument("--max-duration", type=float, help="longest video in s (default 12)")
+    p.add_argument("--workers", type=int, help="processes (default: one per core)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_common(p)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("prepare", help="re-encode videos, build the audio bank and manifest",
+                       description="Prepare SRC (a folder, searched recursively, or a CSV list) "
+                       "into OUT: constant-fps re-encoded video with short keyframe intervals, "
+                       "a 16 kHz mono audio bank, manifest.jsonl and rejected.jsonl. Rerunning "
+                       "on the same OUT resumes.", epilog=EPILOG_OVERRIDES)
+    p.add_argument("src", help="folder of videos, or a CSV list (column path or video, "
+                   "optional label; or Kinetics' youtube_id,time_start,time_end)")
+    p.add_argument("out", help="dataset folder to write")
+    p.add_argument("--codec", choices=("auto", "h264", "vp9"),
+                   help="output codec (auto: h264 with a CUDA GPU, else vp9)")
+    p.add_argument("--workers", type=int, help="processes (default: one per core)")
+    p.add_argument("--short-side", type=int, help="short side in pixels (default 128)")
+    p.add_argument("--fps", type=float, help="output frame rate (default 25)")
+    p.add_argument("--keyframe-interval", type=int, help="frames between keyframes (default 16)")
+    p.add_argument("--segment-seconds", type=float, help="cut into segments (default 0: no)")
+    p.add_argument("--retry-rejected", action="store_true",
+                   help="try the inputs in rejected.jsonl again")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_common(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("info", help="versions, machine, and a prepared dataset's summary",
+                       description="Print library versions and the machine; with DATASET, a "
+                       "summary of a prepared dataset; with --config, every setting.")
+    p.add_argument("dataset", nargs="?", help="a prepared dataset folder")
+    p.add_argument("--config", dest="config_schema", action="store_true",
+                   help="list every setting with its default and meaning")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"fastavts {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

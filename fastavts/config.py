@@ -1,0 +1,303 @@
+"""Typed configuration: schemas with defaults, YAML diffs, command-line overrides.
+
+Every setting lives in one dataclass below. A run's config is built in three layers, later
+ones winning:
+
+    defaults (these dataclasses)  <-  YAML file (only its differences)  <-  key=value overrides
+
+and is then validated as a whole. Anything wrong is refused with a `ConfigError` that names the
+key and says what is allowed: an unknown key (with the closest valid spelling), a value of the
+wrong type, a value outside its choices or range, or an impossible combination of values.
+
+OmegaConf does the merging and the type coercion ("64" -> 64 for an int field); this module
+adds the checks and messages that OmegaConf does not have.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config value or combination of values that fastavts refuses (message says which)."""
+
+
+def _f(default, help: str, choices: Optional[Sequence] = None, min: Optional[float] = None,
+       max: Optional[float] = None):
+    """A dataclass field carrying its help text and its allowed values."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+VIDEO_EXTENSIONS = [".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts",
+                    ".mts", ".m2ts", ".flv", ".wmv", ".3gp", ".ogv", ".vob", ".mxf"]
+
+
+@dataclass
+class DataConfig:
+    """What one training example is (DESIGN.md section 1). `prepare` uses it to reject videos
+    too short for one clip and to resample every video to `fps`."""
+    fps: float = _f(25.0, "constant frame rate every prepared video is resampled to", min=1, max=240)
+    clip_frames: int = _f(16, "frames per clip (T)", min=1, max=512)
+    frame_stride: int = _f(2, "take every n-th frame of the resampled video", min=1, max=64)
+    sample_rate: int = _f(16000, "audio bank sample rate in Hz (mono int16)",
+                          choices=(8000, 16000, 22050, 24000, 32000, 44100, 48000))
+
+    @property
+    def clip_seconds(self) -> float:
+        return self.clip_frames * self.frame_stride / self.fps
+
+
+@dataclass
+class SynthConfig:
+    """The synthetic audio-visual set (`fastavts synth`): bouncing objects whose floor impacts
+    sound with a timbre of their own, silent distractors, background noise."""
+    videos: int = _f(64, "number of videos", min=1)
+    seed: int = _f(0, "base seed; video i depends only on (seed, i)", min=0)
+    codec: str = _f("vp9", "vp9: webm VP9+Opus (DALI decodes it on the CPU); "
+                    "h264: mp4 H.264+AAC (GPU decoding)", choices=("vp9", "h264"))
+    fps: float = _f(25.0, "frame rate of the generated videos", min=1, max=120)
+    width: int = _f(160, "frame width in pixels (even)", min=32, max=1920)
+    height: int = _f(128, "frame height in pixels (even)", min=32, max=1080)
+    min_duration: float = _f(4.0, "shortest video in seconds", min=0.5)
+    max_duration: float = _f(12.0, "longest video in seconds", min=0.5)
+    sample_rate: int = _f(48000, "audio sample rate of the generated files",
+                          choices=(16000, 24000, 48000))
+    min_objects: int = _f(1, "fewest sounding objects per video", min=1, max=6)
+    max_objects: int = _f(3, "most sounding objects per video (each of a different kind)",
+                          min=1, max=6)
+    max_distractors: int = _f(2, "most silent distractor objects per video", min=0, max=6)
+    min_interval: float = _f(0.35, "shortest time between two impacts of one object (s)", min=0.05)
+    max_interval: float = _f(1.2, "longest time between two impacts of one object (s)", min=0.05)
+    min_event_gap: float = _f(0.08, "shortest time between impacts of different objects (s)",
+                              min=0.0)
+    noise_db: list = _f([-42.0, -30.0], "background noise level range in dBFS [low, high]")
+    workers: int = _f(0, "parallel processes; 0 = one per CPU core", min=0)
+
+
+@dataclass
+class PrepareConfig:
+    """`fastavts prepare`: re-encode for random access, build the audio bank and the manifest."""
+    codec: str = _f("auto", "output video codec: h264 (GPU decoding with DALI mixed), vp9 "
+                    "(DALI's CPU decoder), auto = h264 if a CUDA GPU is visible, else vp9",
+                    choices=("auto", "h264", "vp9"))
+    short_side: int = _f(128, "resize so the shorter side has this many pixels (even)",
+                         min=16, max=2160)
+    keyframe_interval: int = _f(16, "a keyframe every n frames (random access cost)", min=1,
+                                max=600)
+    crf: int = _f(-1, "quality (constant rate factor); -1 = codec default (h264 20, vp9 32)",
+                  min=-1, max=63)
+    segment_seconds: float = _f(0.0, "cut videos into segments of this length; 0 = one file",
+                                min=0.0)
+    workers: int = _f(0, "parallel processes; 0 = one per CPU core", min=0)
+    timeout_s: float = _f(900.0, "give up on one input after this many seconds", min=1.0)
+    min_audio_peak_db: float = _f(-60.0, "reject audio tracks whose peak is below this (dBFS)",
+                                  max=0.0)
+    label_from: str = _f("auto", "where labels come from: auto (CSV column, else sidecar "
+                         "<video>.json), csv, sidecar, folder (parent folder name), none",
+                         choices=("auto", "csv", "sidecar", "folder", "none"))
+    video_root: str = _f("", "CSV input: folder the CSV's paths are relative to "
+                         "(default: the CSV's folder)")
+    extensions: list = _f(VIDEO_EXTENSIONS, "file extensions taken as videos in a folder input")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Building and checking
+
+
+def _schema_keys(cls) -> dict:
+    """{field name: field} of a dataclass."""
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _check_keys(tree: Any, cls, where: str, prefix: str = "") -> None:
+    """Refuse keys that are not in the schema, naming the allowed ones and the closest match."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or '<root>'}' must be a mapping of "
+                          f"keys to values, got {type(tree).__name__} {tree!r}")
+    fields = _schema_keys(cls)
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" Did you mean '{prefix}{near[0]}'?" if near else ""
+            raise ConfigError(f"{where}: unknown key '{full}'.{hint} Allowed keys"
+                              f"{' in ' + repr(prefix.rstrip('.')) if prefix else ''}: "
+                              f"{', '.join(fields)}.")
+        ftype = fields[key].type
+        sub = _dataclass_of(ftype)
+        if sub is not None:
+            _check_keys(value, sub, where, prefix=f"{full}.")
+
+
+def _dataclass_of(ftype):
+    if isinstance(ftype, str):
+        ftype = {"DataConfig": DataConfig, "SynthConfig": SynthConfig,
+                 "PrepareConfig": PrepareConfig}.get(ftype)
+    return ftype if dataclasses.is_dataclass(ftype) else None
+
+
+def _parse_overrides(overrides: Sequence[str]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value "
+                              f"(for example prepare.workers=4)")
+        key, _, raw = item.partition("=")
+        try:
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"x={raw}"]))["x"]
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override '{item}': cannot parse value '{raw}': {e}") from None
+        node = tree
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with an earlier override")
+        node[parts[-1]] = value
+    return tree
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        tree = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    except Exception as e:  # yaml.YAMLError and OmegaConf's own
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    return tree
+
+
+def build_config(yaml_path: Optional[str | os.PathLike] = None,
+                 overrides: Sequence[str] = (), extra: Optional[dict] = None) -> Config:
+    """Defaults <- YAML file <- `extra` (from command-line flags) <- key=value overrides."""
+    layers = [(OmegaConf.structured(Config), "defaults")]
+    if yaml_path:
+        layers.append((load_yaml(yaml_path), f"config file '{yaml_path}'"))
+    if extra:
+        layers.append((extra, "command-line flags"))
+    if overrides:
+        layers.append((_parse_overrides(overrides), "command-line overrides"))
+    merged = layers[0][0]
+    for tree, where in layers[1:]:
+        _check_keys(tree, Config, where)
+        try:
+            merged = OmegaConf.merge(merged, tree)
+        except OmegaConfBaseException as e:
+            raise ConfigError(_explain_omegaconf(e, where)) from None
+    cfg: Config = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def _explain_omegaconf(e: OmegaConfBaseException, where: str) -> str:
+    key = getattr(e, "full_key", None) or "?"
+    fields = {}
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(_dataclass_of(section.type)):
+            fields[f"{section.name}.{f.name}"] = f
+    f = fields.get(key)
+    expected = ""
+    if f is not None:
+        t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        expected = f" It must be of type {t} ({f.metadata.get('help')})."
+    value = getattr(e, "value", None)
+    return f"{where}: bad value {value!r} for '{key}'.{expected}"
+
+
+def validate(cfg: Config) -> None:
+    """Choices, ranges and combinations that cannot work together."""
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        for f in dataclasses.fields(sub):
+            key, v = f"{section.name}.{f.name}", getattr(sub, f.name)
+            m = f.metadata
+            if m.get("choices") and v not in m["choices"]:
+                raise ConfigError(f"{key}={v!r} is not allowed; choose one of "
+                                  f"{', '.join(map(str, m['choices']))}.")
+            if m.get("min") is not None and v < m["min"]:
+                raise ConfigError(f"{key}={v!r} is too small: the minimum is {m['min']}.")
+            if m.get("max") is not None and v > m["max"]:
+                raise ConfigError(f"{key}={v!r} is too large: the maximum is {m['max']}.")
+
+    s, p, d = cfg.synth, cfg.prepare, cfg.data
+    if s.width % 2 or s.height % 2:
+        raise ConfigError(f"synth.width and synth.height must be even (4:2:0 video), got "
+                          f"{s.width}x{s.height}.")
+    if s.min_duration > s.max_duration:
+        raise ConfigError(f"synth.min_duration={s.min_duration} is greater than "
+                          f"synth.max_duration={s.max_duration}; the allowed values satisfy "
+                          f"min_duration <= max_duration.")
+    if s.min_objects > s.max_objects:
+        raise ConfigError(f"synth.min_objects={s.min_objects} is greater than "
+                          f"synth.max_objects={s.max_objects}.")
+    if s.min_interval > s.max_interval:
+        raise ConfigError(f"synth.min_interval={s.min_interval} is greater than "
+                          f"synth.max_interval={s.max_interval}.")
+    if s.min_event_gap * s.max_objects >= s.min_interval:
+        raise ConfigError(f"synth.min_event_gap={s.min_event_gap} is too large for "
+                          f"synth.max_objects={s.max_objects} objects with impacts "
+                          f"synth.min_interval={s.min_interval} s apart; lower min_event_gap "
+                          f"below {s.min_interval / s.max_objects:.3f}.")
+    if len(s.noise_db) != 2 or s.noise_db[0] > s.noise_db[1] or s.noise_db[1] > 0:
+        raise ConfigError(f"synth.noise_db must be [low, high] in dBFS with low <= high <= 0, "
+                          f"got {list(s.noise_db)}.")
+    if p.short_side % 2:
+        raise ConfigError(f"prepare.short_side must be even (4:2:0 video), got {p.short_side}.")
+    if 0 < p.segment_seconds < d.clip_seconds:
+        raise ConfigError(
+            f"prepare.segment_seconds={p.segment_seconds} is shorter than one clip "
+            f"({d.clip_frames} frames x stride {d.frame_stride} at {d.fps} fps = "
+            f"{d.clip_seconds:.2f} s); use 0 (no segments) or at least {d.clip_seconds:.2f}.")
+    if p.segment_seconds > 0:
+        seg_frames = p.segment_seconds * d.fps
+        if abs(seg_frames - round(seg_frames)) > 1e-6 or round(seg_frames) % p.keyframe_interval:
+            raise ConfigError(
+                f"prepare.segment_seconds={p.segment_seconds} at data.fps={d.fps} gives "
+                f"{seg_frames:g} frames per segment, which must be a whole multiple of "
+                f"prepare.keyframe_interval={p.keyframe_interval}.")
+    if not all(isinstance(e, str) and e.startswith(".") for e in p.extensions):
+        raise ConfigError(f"prepare.extensions must be a list like ['.mp4', '.webm'], "
+                          f"got {list(p.extensions)}.")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: str | os.PathLike, header: str = "") -> None:
+    """Write the resolved config atomically (tmp file + rename) next to the outputs it made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = (header + "\n" if header else "") + to_yaml(cfg)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def describe(section_cls) -> list[tuple[str, Any, str]]:
+    """(name, default, help) rows for --help texts."""
+    out = []
+    for f in dataclasses.fields(section_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append((f.name, default, f.metadata.get("help", "")))
+    return out

@@ -1,0 +1,32 @@
+"""fastavts: high-throughput self-supervised audio-visual synchronization (AVTS) training.
+
+CPU install (development, CI), keeping pip on the CPU build of torch:
+    pip install -c constraints-cpu.txt -e ".[test]"
+GPU machines keep the CUDA torch (>= 2.11) they already have:
+    pip install -e .
+"""
+from setuptools import setup
+
+setup(
+    name="fastavts",
+    version="0.1.0",
+    description="High-throughput self-supervised audio-visual synchronization (AVTS) training",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # `kernels/` is installed as `fastavts.kernels`: a top-level `kernels` would clash with an
+    # existing PyPI package.
+    packages=["fastavts", "fastavts.data", "fastavts.kernels"],
+    package_dir={"fastavts.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.11",                 # CPU installs pin 2.13.0 through constraints-cpu.txt
+        "numpy>=1.26,<3",
+        "av>=14,<20",                  # PyAV: decoding, encoding, resampling (bundled FFmpeg)
+        "nvidia-dali-cuda130>=2.2,<3",  # GPU video decoding; CPU pipelines where no GPU
+        "triton>=3.6",                 # the fused loss kernel; TRITON_INTERPRET=1 on CPU
+        "omegaconf>=2.3,<2.5",         # typed configs: schemas, YAML, dotted overrides
+        "tqdm>=4.66,<5",               # progress bars
+    ],
+    extras_require={"test": ["pytest>=8,<10"]},
+    entry_points={"console_scripts": ["fastavts=fastavts.cli:main"]},
+)
