@@ -81,7 +81,7 @@ class SynthConfig:
     max_interval: float = _f(1.2, "longest time between two impacts of one object (s)", min=0.05)
     min_event_gap: float = _f(0.08, "shortest time between impacts of different objects (s)",
                               min=0.0)
-    noise_db: list = _f([-42.0, -30.0], "background noise level range in dBFS [low, high]")
+    noise_db: list = _f([-45.0, -32.0], "background noise level range in dBFS [low, high]")
     workers: int = _f(0, "parallel processes; 0 = one per CPU core", min=0)
 
 

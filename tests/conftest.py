@@ -1,0 +1,45 @@
+"""Shared fixtures: a small synthetic set and its prepared dataset, made once per session."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Real clips with their licences (SOURCES.md); CI has ../shared beside the checkout.
+MEDIA = Path(os.environ.get("FASTAVTS_MEDIA", REPO.parent / "shared" / "media"))
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def small_cfg(*overrides):
+    from fastavts.config import build_config
+    return build_config(overrides=["synth.width=96", "synth.height=64", "synth.min_duration=3",
+                                   "synth.max_duration=5", "synth.workers=2",
+                                   "prepare.workers=2", "prepare.short_side=64",
+                                   *overrides])
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    from fastavts.data.synth import synthesize
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, small_cfg("synth.videos=6", "synth.seed=7"), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared(synth_dir, tmp_path_factory):
+    from fastavts.data.prepare import prepare
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(synth_dir, out, small_cfg("prepare.codec=vp9"), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def media_dir():
+    if not MEDIA.is_dir():
+        pytest.fail(f"real test media not found at {MEDIA}: CI and development checkouts have "
+                    f"../shared/media beside the repository; set FASTAVTS_MEDIA to another copy")
+    return MEDIA

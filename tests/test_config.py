@@ -1,0 +1,102 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fastavts.config import Config, ConfigError, build_config, save_config, load_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def refused(**kw):
+    with pytest.raises(ConfigError) as e:
+        build_config(**kw)
+    print(e.value)
+    return str(e.value)
+
+
+def test_defaults_follow_the_design():
+    cfg = build_config()
+    assert (cfg.data.fps, cfg.data.clip_frames, cfg.data.frame_stride) == (25, 16, 2)
+    assert cfg.data.clip_seconds == pytest.approx(1.28)
+    assert cfg.data.sample_rate == 16000 and cfg.prepare.short_side == 128
+
+
+def test_layers_override_in_order(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text("prepare:\n  workers: 3\n  short_side: 96\nsynth:\n  seed: 5\n")
+    cfg = build_config(f, ["prepare.workers=7"], extra={"synth": {"seed": 9}})
+    assert cfg.prepare.workers == 7          # override beats file
+    assert cfg.prepare.short_side == 96      # file beats default
+    assert cfg.synth.seed == 9               # flag beats file
+    assert isinstance(cfg.prepare.workers, int)
+
+
+def test_unknown_key_names_key_allowed_values_and_suggestion(tmp_path):
+    msg = refused(overrides=["prepare.wokers=4"])
+    assert "prepare.wokers" in msg and "prepare.workers" in msg and "short_side" in msg
+    f = tmp_path / "bad.yaml"
+    f.write_text("synth:\n  videoz: 3\n")
+    msg = refused(yaml_path=f)
+    assert "synth.videoz" in msg and "bad.yaml" in msg and "videos" in msg
+    msg = refused(overrides=["trian.batch_size=3"])
+    assert "trian" in msg and "data, synth, prepare" in msg
+
+
+def test_wrong_type_names_key_and_type():
+    msg = refused(overrides=["prepare.workers=many"])
+    assert "prepare.workers" in msg and "int" in msg and "many" in msg
+    msg = refused(overrides=["synth.max_duration=long"])
+    assert "synth.max_duration" in msg and "float" in msg
+
+
+def test_choices_and_ranges():
+    msg = refused(overrides=["prepare.codec=av1"])
+    assert "prepare.codec" in msg and "h264" in msg and "vp9" in msg and "auto" in msg
+    assert "minimum" in refused(overrides=["data.fps=0"])
+    assert "data.sample_rate" in refused(overrides=["data.sample_rate=12345"])
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["synth.min_duration=9", "synth.max_duration=5"], ["synth.min_duration", "max_duration"]),
+    (["prepare.segment_seconds=1.0"], ["prepare.segment_seconds", "1.28"]),
+    (["prepare.segment_seconds=2.5"], ["keyframe_interval", "62.5"]),
+    (["prepare.short_side=127"], ["prepare.short_side", "even"]),
+    (["synth.min_objects=4", "synth.max_objects=2"], ["synth.min_objects"]),
+    (["synth.noise_db=[-10,-30]"], ["synth.noise_db"]),
+    (["synth.min_event_gap=0.2"], ["synth.min_event_gap"]),
+])
+def test_impossible_combinations(overrides, words):
+    msg = refused(overrides=overrides)
+    for w in words:
+        assert w in msg
+
+
+def test_malformed_overrides():
+    assert "key=value" in refused(overrides=["prepare.workers"])
+    assert "mapping" in refused(overrides=["prepare=3"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = build_config(overrides=["prepare.workers=3", "synth.noise_db=[-50,-40]"])
+    save_config(cfg, tmp_path / "config.yaml", header="# resolved config of: test")
+    text = (tmp_path / "config.yaml").read_text()
+    assert text.startswith("# resolved config of: test")
+    assert build_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_hold_only_differences_and_start_with_their_command(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# fastavts "), f"{path.name} must start with its launch command"
+    tree = load_yaml(path)
+    build_config(path)  # valid
+    defaults = dataclasses.asdict(Config())
+    for section, values in tree.items():
+        for k, v in values.items():
+            assert defaults[section][k] != v, f"{path.name}: {section}.{k} repeats the default"
+
+
+def test_configs_folder_is_not_empty():
+    assert list((REPO / "configs").glob("*.yaml"))
