@@ -108,6 +108,7 @@ def test_every_input_lands_in_exactly_one_list(zoo, zoo_prepared):
         print(name, "->", ok.get(src, {}).get("warnings"), rej.get(src, {}).get("reason"))
     trunc = ok.get(str((zoo / "truncated.webm").resolve()))
     if trunc:
+        assert any("truncated" in w for w in trunc["warnings"])
         assert trunc["duration"] < 0.6 * json.loads(
             next((zoo.parent).glob("synth*/synth_000000.json")).read_text())["duration"] + 0.1
     assert summary["not_videos_ignored"] == 1 and summary["ignored_examples"] == ["README.txt"]
