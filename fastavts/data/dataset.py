@@ -1,0 +1,97 @@
+"""Read a prepared dataset: `Dataset.open(OUT)`.
+
+    ds = Dataset.open("data/synth_prepared")
+    ds.videos                        # manifest records (dicts), in manifest order
+    ds.audio(vid, start_s, dur_s)    # float32 mono at ds.sample_rate; t=0 is the first frame
+    ds.frames(vid, [0, 2, 4])        # uint8 (T, H, W, 3) RGB frames of the prepared video
+
+This is the plain reference path (PyAV decoding on the host): the tests, the PyTorch loader and
+debugging use it; the DALI pipeline decodes the same files on the GPU.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .audio_bank import AudioBank
+from .manifest import MANIFEST, REJECTED, read_jsonl
+
+
+class Dataset:
+    def __init__(self, root: Path, videos: list[dict], rejected: list[dict]):
+        self.root = root
+        self.videos = videos
+        self.rejected = rejected
+        self.by_id = {v["id"]: v for v in videos}
+        self.bank = AudioBank(root) if videos else None
+        self.sample_rate = self.bank.sample_rate if self.bank else None
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> "Dataset":
+        root = Path(root)
+        if not (root / MANIFEST).is_file():
+            raise FileNotFoundError(f"'{root}' is not a prepared dataset (no {MANIFEST}); "
+                                    f"make one with: fastavts prepare VIDEOS {root}")
+        return cls(root, read_jsonl(root / MANIFEST), read_jsonl(root / REJECTED))
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def _video(self, video_id: str) -> dict:
+        try:
+            return self.by_id[video_id]
+        except KeyError:
+            raise KeyError(f"no video '{video_id}' in {self.root} "
+                           f"({len(self.videos)} videos, e.g. {list(self.by_id)[:3]})") from None
+
+    def audio(self, video_id: str, start_s: float, duration_s: float) -> np.ndarray:
+        """float32 samples of [start_s, start_s + duration_s), times measured from the video's
+        first frame; zeros where the window lies outside the recorded sound."""
+        v = self._video(video_id)
+        if duration_s < 0:
+            raise ValueError(f"duration_s must be >= 0, got {duration_s}")
+        return self.bank.window(v["audio_offset"], v["audio_samples"], v["audio_start"],
+                                start_s, duration_s)
+
+    def frames(self, video_id: str, indices: Sequence[int]) -> np.ndarray:
+        """uint8 (T, H, W, 3) RGB frames at the given frame indices (any order, repeats ok)."""
+        import av
+
+        v = self._video(video_id)
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= v["num_frames"]):
+            raise IndexError(f"frame indices must lie in [0, {v['num_frames']}) for "
+                             f"'{video_id}', got min {idx.min()} max {idx.max()}")
+        out = np.empty((idx.size, v["height"], v["width"], 3), np.uint8)
+        want = {}
+        for pos, i in enumerate(idx.tolist()):
+            want.setdefault(i, []).append(pos)
+        fps = v["fps"]
+        for seg in v["segments"]:
+            lo, n = seg["start_frame"], seg["num_frames"]
+            need = sorted(i for i in want if lo <= i < lo + n)
+            if not need:
+                continue
+            with av.open(str(self.root / seg["path"])) as c:
+                s = c.streams.video[0]
+                s.thread_type = "AUTO"
+                first = need[0] - lo
+                if first > 0:  # seek to the keyframe at or before the first wanted frame
+                    c.seek(int(first / fps / s.time_base), stream=s, backward=True)
+                left = set(need)
+                for f in c.decode(s):
+                    i = lo + int(round(f.time * fps))
+                    if i in left:
+                        a = f.to_ndarray(format="rgb24")
+                        for pos in want[i]:
+                            out[pos] = a
+                        left.discard(i)
+                        if not left:
+                            break
+                if left:
+                    raise RuntimeError(f"frames {sorted(left)[:5]} of '{video_id}' could not "
+                                       f"be decoded from {seg['path']}")
+        return out
