@@ -3,7 +3,7 @@ import av
 import numpy as np
 import pytest
 
-from fastavts.data.dataset import Dataset
+from fastavts.data import Dataset  # the public path
 
 
 def all_frames(path):
