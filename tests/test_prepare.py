@@ -362,3 +362,26 @@ def test_segments_split_the_video_and_read_back_the_same(tmp_path, synth_dir, pr
         a = seg.frames(v["id"], idx).astype(int)
         b = whole.frames(v["id"], idx).astype(int)
         assert np.abs(a - b).mean() < 3  # two encodes of the same frames
+
+
+# --------------------------------------------------------------------------------------------
+# Workers that crash or hang inside FFmpeg (simulated: the worker dies or never returns)
+
+
+def test_crashing_and_hanging_inputs_are_rejected_and_the_rest_prepared(tmp_path, synth_dir,
+                                                                        monkeypatch):
+    vids = sorted(synth_dir.glob("*.webm"))[:4]
+    src = tmp_path / "src"
+    src.mkdir()
+    for v in vids:
+        shutil.copy(v, src / v.name)
+    monkeypatch.setenv("FASTAVTS_TEST_CRASH", vids[1].name)
+    monkeypatch.setenv("FASTAVTS_TEST_HANG", vids[2].name)
+    out = tmp_path / "out"
+    t0 = time.time()
+    s = prepare(src, out, small_cfg("prepare.codec=vp9", "prepare.timeout_s=1"), progress=False)
+    print(s, time.time() - t0)
+    ok, rej = check_every_input_once(out, list(src.iterdir()))
+    assert len(ok) == 2
+    assert "decoder crashed" in rej[str((src / vids[1].name).resolve())]["reason"]
+    assert "decoder hangs" in rej[str((src / vids[2].name).resolve())]["reason"]

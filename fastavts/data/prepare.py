@@ -342,6 +342,8 @@ def _process(job: dict) -> dict:
     import av
     import av.error
 
+    _simulate_failure(job["source"])
+
     t_start = time.monotonic()
     src, vid, work = job["source"], job["id"], Path(job["work"])
     d, p = job["data"], job["prepare"]
@@ -522,6 +524,17 @@ def _process(job: dict) -> dict:
                 audio=str(audio_path))
 
 
+def _simulate_failure(source: str) -> None:
+    """Tests only: FASTAVTS_TEST_HANG / FASTAVTS_TEST_CRASH name a file whose worker then hangs
+    or dies the way a stuck or crashing FFmpeg call would (no Python exception)."""
+    name = os.path.basename(source)
+    if name and name == os.environ.get("FASTAVTS_TEST_HANG"):
+        while True:
+            time.sleep(3600)
+    if name and name == os.environ.get("FASTAVTS_TEST_CRASH"):
+        os._exit(139)
+
+
 def _is_vfr(intervals: list[float]) -> bool:
     if len(intervals) < 3:
         return False
@@ -565,13 +578,27 @@ def _check_frozen(out: Path, cfg: Config) -> None:
                     f"Rerun with the same settings to resume, or prepare into a new folder.")
 
 
-def _run_pool(jobs: list[dict], workers: int, on_result: Callable) -> tuple[list, list]:
+def _run_pool(jobs: list[dict], workers: int, on_result: Callable,
+              hang_s: float) -> tuple[list, list]:
     """Run jobs in a process pool, calling on_result(job, result) as they finish. If a worker
-    dies (a crash inside FFmpeg), returns (jobs in flight, jobs not started)."""
+    dies (a crash inside FFmpeg) or a job runs past `hang_s` (stuck inside FFmpeg, where the
+    worker's own timeout check cannot run), the pool is torn down and this returns
+    (jobs in flight, jobs not started); a hung job is marked job['hung'] = True."""
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
                                initializer=_worker_init)
     it = iter(jobs)
     inflight: dict = {}
+    running_since: dict = {}
+
+    def salvage(first: list) -> tuple[list, list]:
+        crashed = list(first)
+        for f2, j2 in inflight.items():
+            if f2.done() and not f2.cancelled() and f2.exception() is None:
+                on_result(j2, f2.result())
+            else:
+                crashed.append(j2)
+        return crashed, list(it)
+
     try:
         def fill():
             while len(inflight) < 2 * workers:
@@ -582,27 +609,39 @@ def _run_pool(jobs: list[dict], workers: int, on_result: Callable) -> tuple[list
 
         fill()
         while inflight:
-            done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+            done, _ = wait(inflight, timeout=1.0, return_when=FIRST_COMPLETED)
+            now = time.monotonic()
             for fut in done:
                 j = inflight.pop(fut)
+                running_since.pop(fut, None)
                 try:
                     res = fut.result()
                 except BrokenProcessPool:
-                    crashed = [j]
-                    for f2, j2 in inflight.items():
-                        if f2.done() and f2.exception() is None:
-                            on_result(j2, f2.result())
-                        else:
-                            crashed.append(j2)
-                    return crashed, list(it)
+                    return salvage([j])
                 on_result(j, res)
+            # `running` starts when a job is handed to the workers' queue, at most one job
+            # before a worker takes it: hence hang_s allows for two jobs' time.
+            for fut in inflight:
+                if fut.running():
+                    running_since.setdefault(fut, now)
+            hung = [f for f in inflight if now - running_since.get(f, now) > hang_s]
+            if hung:
+                for f in hung:
+                    inflight[f]["hung"] = True
+                _terminate(pool)
+                return salvage([])
             fill()
         return [], []
     finally:
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            if proc.is_alive() and inflight:
-                proc.terminate()
+        if inflight:
+            _terminate(pool)
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        if proc.is_alive():
+            proc.terminate()
 
 
 def _noop() -> bool:
@@ -699,15 +738,22 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, progres
     interrupted = False
     try:
         queue = pending
+        hang_s = 2 * cfg.prepare.timeout_s + 5
         while queue:
-            crashed, rest = _run_pool(queue, min(workers, len(queue)), commit)
-            for job in crashed:  # alone, so that a second crash names its culprit
-                c2, _ = _run_pool([job], 1, commit)
-                if c2:
-                    _check_workers_start()
+            crashed, rest = _run_pool(queue, min(workers, len(queue)), commit, hang_s)
+            for job in crashed:  # alone, so that a second failure names its culprit
+                job.pop("hung", None)
+                c2, _ = _run_pool([job], 1, commit, hang_s)
                 for j in c2:
-                    commit(j, dict(status="rejected", reason="the decoder crashed on this file "
-                                   "(worker process died twice)"))
+                    if j.get("hung"):
+                        reason = (f"decoder hangs: no result within {hang_s:g} s with this "
+                                  f"file alone in the pool (prepare.timeout_s="
+                                  f"{cfg.prepare.timeout_s:g})")
+                    else:
+                        _check_workers_start()
+                        reason = ("decoder crashed: the worker process died with this file "
+                                  "alone in the pool")
+                    commit(j, dict(status="rejected", reason=reason))
             queue = rest
     except KeyboardInterrupt:
         interrupted = True
