@@ -56,6 +56,16 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def _sigterm_as_interrupt() -> None:
+    """A batch scheduler's SIGTERM stops a long job as cleanly as Ctrl-C does."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def cmd_prepare(args) -> int:
     from .data.prepare import prepare
 
@@ -65,6 +75,7 @@ def cmd_prepare(args) -> int:
         "short_side": "prepare.short_side", "segment_seconds": "prepare.segment_seconds",
         "keyframe_interval": "prepare.keyframe_interval", "fps": "data.fps"}))
     command = "fastavts " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["prepare"] else ""
+    _sigterm_as_interrupt()
     try:
         s = prepare(args.src, args.out, cfg, progress=not args.quiet,
                     retry_rejected=args.retry_rejected, command=command)

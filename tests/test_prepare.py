@@ -385,3 +385,39 @@ def test_crashing_and_hanging_inputs_are_rejected_and_the_rest_prepared(tmp_path
     assert len(ok) == 2
     assert "decoder crashed" in rej[str((src / vids[1].name).resolve())]["reason"]
     assert "decoder hangs" in rej[str((src / vids[2].name).resolve())]["reason"]
+
+
+def test_a_second_writer_is_refused_and_hidden_files_are_not_inputs(tmp_path, synth_dir):
+    import fcntl
+
+    from fastavts.config import ConfigError
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(sorted(synth_dir.glob("*.webm"))[0], src / "a.webm")
+    (src / ".a.webm.part123.webm").write_bytes(b"half a download")
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match="another fastavts prepare"):
+            prepare(src, out, small_cfg("prepare.codec=vp9"), progress=False)
+    s = prepare(src, out, small_cfg("prepare.codec=vp9"), progress=False)
+    assert s["prepared"] == 1 and s["inputs"] == 1
+    assert s["ignored_examples"] == [".a.webm.part123.webm"]
+
+
+def test_sigterm_stops_cleanly(tmp_path, synth_dir):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fastavts", "prepare", str(synth_dir), str(out), "-q",
+           "prepare.workers=1", "prepare.codec=vp9", "prepare.short_side=64"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if (out / "manifest.jsonl").exists() and len(read_jsonl(out / "manifest.jsonl")) >= 1:
+            break
+        time.sleep(0.05)
+    p.terminate()
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "run the same command again to resume" in err, err
+    rows = read_jsonl(out / "manifest.jsonl")
+    assert (out / "audio_bank.s16").stat().st_size == 2 * sum(r["audio_samples"] for r in rows)

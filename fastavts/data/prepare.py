@@ -87,10 +87,13 @@ def list_inputs(src: Path, cfg: Config, out: Path) -> tuple[list[dict], list[str
             for name in sorted(filenames):
                 f = d / name
                 rel = f.relative_to(src).as_posix()
+                if name.startswith("."):  # hidden: partial downloads, '._x.mp4' forks
+                    ignored.append(rel)
+                    continue
                 if f.suffix.lower() not in exts:
                     sidecar_of_video = f.suffix == ".json" and any(
                         f.with_suffix(e).exists() for e in exts)
-                    if not sidecar_of_video and not name.startswith("."):
+                    if not sidecar_of_video:
                         ignored.append(rel)
                     continue
                 meta = _sidecar(f) if p.label_from in ("auto", "sidecar") else None
@@ -663,12 +666,36 @@ def _check_workers_start() -> None:
 def prepare(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, progress: bool = True,
             retry_rejected: bool = False, command: str = "") -> dict:
     """Prepare SRC into OUT (see the module docstring). Returns the summary dict."""
-    from tqdm import tqdm
-
     src, out = Path(src), Path(out)
     cfg.prepare.codec = resolve_codec(cfg.prepare.codec)
     inputs, ignored = list_inputs(src, cfg, out)
     out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)  # held until this process exits or prepare returns
+    try:
+        return _prepare_locked(src, out, cfg, inputs, ignored, progress, retry_rejected,
+                               command)
+    finally:
+        lock.close()
+
+
+def _lock(out: Path):
+    """One writer per dataset folder: a second prepare into the same OUT is refused."""
+    import fcntl
+
+    fh = open(out / ".lock", "w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise ConfigError(f"another fastavts prepare is writing '{out}' right now; wait for it "
+                          f"to finish (a rerun afterwards resumes) or use another OUT") from None
+    return fh
+
+
+def _prepare_locked(src: Path, out: Path, cfg: Config, inputs: list, ignored: list,
+                    progress: bool, retry_rejected: bool, command: str) -> dict:
+    from tqdm import tqdm
+
     _check_frozen(out, cfg)
     save_config(cfg, out / "config.yaml",
                 header=f"# resolved config of: {command or f'fastavts prepare {src} {out}'}")

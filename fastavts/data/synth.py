@@ -356,6 +356,8 @@ def synthesize(out: str | os.PathLike, cfg: Config, progress: bool = True) -> di
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml", header=f"# resolved config of: fastavts synth {out}")
+    for stale in out.glob(".synth_*.part*"):  # left by an interrupted run
+        stale.unlink()
     s = cfg.synth
     workers = s.workers or os.cpu_count() or 1
     jobs = [(i, asdict(s), str(out)) for i in range(s.videos)]
