@@ -262,19 +262,25 @@ def test_labels_from_folder_names(tmp_path, synth_dir):
 # Resume
 
 
+def stop_after_rows(cmd, out: Path, rows: int, sig):
+    """Run cmd, send `sig` once manifest.jsonl has `rows` rows; returns (process, stderr)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if (out / "manifest.jsonl").exists() and \
+                len(read_jsonl(out / "manifest.jsonl")) >= rows:
+            break
+        time.sleep(0.05)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    return p, err
+
+
 def test_resume_after_interrupt_loses_nothing_and_repeats_nothing(tmp_path, synth_dir):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "fastavts", "prepare", str(synth_dir), str(out), "-q",
            "prepare.workers=1", "prepare.codec=vp9", "prepare.short_side=64"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None:  # interrupt after two commits
-        if (out / "manifest.jsonl").exists() and \
-                len(read_jsonl(out / "manifest.jsonl")) >= 2:
-            break
-        time.sleep(0.05)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+    p, err = stop_after_rows(cmd, out, 2, signal.SIGINT)  # Ctrl-C after two commits
     print(err)
     first = read_jsonl(out / "manifest.jsonl")
     assert p.returncode == 130 and "resume" in err
@@ -410,14 +416,7 @@ def test_sigterm_stops_cleanly(tmp_path, synth_dir):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "fastavts", "prepare", str(synth_dir), str(out), "-q",
            "prepare.workers=1", "prepare.codec=vp9", "prepare.short_side=64"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None:
-        if (out / "manifest.jsonl").exists() and len(read_jsonl(out / "manifest.jsonl")) >= 1:
-            break
-        time.sleep(0.05)
-    p.terminate()
-    _, err = p.communicate(timeout=120)
+    p, err = stop_after_rows(cmd, out, 1, signal.SIGTERM)
     assert p.returncode == 130 and "run the same command again to resume" in err, err
     rows = read_jsonl(out / "manifest.jsonl")
     assert (out / "audio_bank.s16").stat().st_size == 2 * sum(r["audio_samples"] for r in rows)
