@@ -21,7 +21,7 @@ setup(
     install_requires=[
         "torch>=2.11",                 # CPU installs pin 2.13.0 through constraints-cpu.txt
         "numpy>=1.26,<3",
-        "av>=14,<20",                  # PyAV: decoding, encoding, resampling (bundled FFmpeg)
+        "av>=15,<20",                  # PyAV (bundled FFmpeg); 15.0 is the oldest the tests pass on
         "nvidia-dali-cuda130>=2.2,<3",  # GPU video decoding; CPU pipelines where no GPU
         "triton>=3.6",                 # the fused loss kernel; TRITON_INTERPRET=1 on CPU
         "omegaconf>=2.3,<2.5",         # typed configs: schemas, YAML, dotted overrides

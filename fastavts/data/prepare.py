@@ -211,12 +211,6 @@ def _open_encoder(path: str, codec: str, fps: Fraction, width: int, height: int,
     return c, s
 
 
-try:
-    from av.video.frame import PictureType
-except ImportError:  # PyAV < 14 names it differently; prepare imports av lazily elsewhere
-    PictureType = None
-
-
 class _CfrWriter:
     """Receives decoded frames in presentation order and writes a constant-frame-rate video:
     output frame k shows the source frame nearest to time first_t + k / fps."""
@@ -235,6 +229,8 @@ class _CfrWriter:
         self.files: list[dict] = []
         self.out = self.stream = None
         self.rotation = 0
+        from av.video.frame import PictureType
+        self.no_pict_type = PictureType.NONE
 
     def _setup(self, f, sar):
         self.source_rotation = int(getattr(f, "rotation", 0) or 0)  # display matrix, CCW deg
@@ -272,7 +268,7 @@ class _CfrWriter:
         fr = self.prev_conv
         # A decoded keyframe keeps pict_type I, and encoders obey it: reset it so that the
         # keyframe grid is ours (every `gop` frames), not the source's.
-        fr.pict_type = PictureType.NONE
+        fr.pict_type = self.no_pict_type
         fr.pts = self.local
         fr.time_base = 1 / self.rate
         for p in self.stream.encode(fr):
@@ -327,18 +323,29 @@ def _fmt_s(x: float) -> str:
 def process_one(job: dict) -> dict:
     """Prepare one input. Never raises: returns {'status': 'ok', 'record', 'files', 'audio'}
     or {'status': 'rejected', 'reason'}; leaves nothing behind in the work folder on reject."""
+    import av.error
+
     work = Path(job["work"])
+    internal = None
     try:
         return _process(job)
     except Reject as r:
         reason = str(r)
-    except Exception as e:  # FFmpeg errors and anything unforeseen: the input is the culprit
+    except (av.error.FFmpegError, OSError, UnicodeError, ValueError, EOFError, OverflowError,
+            MemoryError) as e:  # what bad media makes FFmpeg, PyAV or numpy raise
         reason = f"could not be read: {type(e).__name__}: {e}"
+    except Exception as e:  # a bug of ours, not the input's fault: say so, retry next run
+        import traceback
+        reason = f"internal error (a fastavts bug; please report): {type(e).__name__}: {e}"
+        internal = traceback.format_exc()
     for f in work.glob(f"{job['id']}.*"):
         f.unlink(missing_ok=True)
     for f in work.glob(f"{job['id']}_s*"):
         f.unlink(missing_ok=True)
-    return dict(status="rejected", reason=reason)
+    out = dict(status="rejected", reason=reason)
+    if internal:
+        out["internal"] = internal
+    return out
 
 
 def _process(job: dict) -> dict:
@@ -361,8 +368,7 @@ def _process(job: dict) -> dict:
     except av.error.FFmpegError as e:
         raise Reject(f"not a readable media file ({e.strerror or e})") from None
     with container:
-        vstreams = [s for s in container.streams.video
-                    if not (s.disposition & av.stream.Disposition.attached_pic)]
+        vstreams = [s for s in container.streams.video if not _is_cover_art(s)]
         if not vstreams:
             raise Reject("no video stream (an audio-only or non-video file)")
         if not container.streams.audio:
@@ -448,8 +454,9 @@ def _process(job: dict) -> dict:
                     warnings.append(f"stopped after 100 undecodable packets ({e.strerror or e})")
                     break
                 continue
+            handle = on_video if packet.stream.index == vs.index else on_audio
             for f in frames:
-                (on_video if packet.stream is vs else on_audio)(f)
+                handle(f)
         if a0 is not None:
             pcm.extend(r.to_ndarray().reshape(-1) for r in resampler.resample(None))
 
@@ -458,7 +465,10 @@ def _process(job: dict) -> dict:
             raise Reject("the video stream has no decodable frame")
         duration_src = writer.finish(last_dur)
         first_t = writer.first_t
-        declared = container.duration / 1e6 if container.duration else None  # AV_TIME_BASE
+        # What the file says the picture lasts: the stream's own duration where the container
+        # keeps one (mp4), else the container's (Matroska), which may be the audio's.
+        declared = (float(vs.duration * tb) if vs.duration and tb else
+                    container.duration / 1e6 if container.duration else None)
         src_rate = vs.average_rate or vs.guessed_rate
         info = dict(  # read now: stream objects are not valid once the container is closed
             video_stream=vs.index, audio_stream=as_.index, video_codec=vs.codec_context.name,
@@ -527,10 +537,22 @@ def _process(job: dict) -> dict:
                 audio=str(audio_path))
 
 
+def _is_cover_art(stream) -> bool:
+    """An attached picture (album art) is a 'video stream' of one frame, not a video."""
+    disposition = getattr(stream, "disposition", None)  # PyAV >= 14.1
+    if disposition is not None:
+        import av.stream
+        return bool(disposition & av.stream.Disposition.attached_pic)
+    return (stream.frames or 0) == 1 and stream.codec_context.name in ("mjpeg", "png", "bmp")
+
+
 def _simulate_failure(source: str) -> None:
     """Tests only: FASTAVTS_TEST_HANG / FASTAVTS_TEST_CRASH name a file whose worker then hangs
-    or dies the way a stuck or crashing FFmpeg call would (no Python exception)."""
+    or dies the way a stuck or crashing FFmpeg call would (no Python exception);
+    FASTAVTS_TEST_BUG names a file (or '*') on which our code raises as a bug would."""
     name = os.path.basename(source)
+    if name and os.environ.get("FASTAVTS_TEST_BUG") in (name, "*"):
+        raise AttributeError("simulated bug")
     if name and name == os.environ.get("FASTAVTS_TEST_HANG"):
         while True:
             time.sleep(3600)
@@ -702,9 +724,11 @@ def _prepare_locked(src: Path, out: Path, cfg: Config, inputs: list, ignored: li
 
     manifest = read_jsonl(out / MANIFEST, repair=True)
     rejected = read_jsonl(out / REJECTED, repair=True)
-    if retry_rejected and rejected:
-        (out / REJECTED).unlink()
-        rejected = []
+    # Inputs that met a bug of ours are tried again on every run; --retry-rejected: all.
+    keep = [] if retry_rejected else [r for r in rejected if not r.get("internal")]
+    if len(keep) < len(rejected):
+        _rewrite_jsonl(out / REJECTED, keep)
+        rejected = keep
     valid = max((r["audio_offset"] + r["audio_samples"] for r in manifest), default=0)
     bank = AudioBankWriter(out, cfg.data.sample_rate, valid)
     done = {r["source"] for r in manifest} | {r["source"] for r in rejected}
@@ -755,7 +779,15 @@ def _prepare_locked(src: Path, out: Path, cfg: Config, inputs: list, ignored: li
             new_audio_s += rec["audio_duration"]
             new_video_s += rec["duration"]
         else:
-            rej_w.write(dict(source=job["source"], reason=res["reason"], id=job["id"]))
+            row = dict(source=job["source"], reason=res["reason"], id=job["id"])
+            if res.get("internal"):
+                row["internal"] = True
+                stats["internal"] += 1
+                if stats["internal"] >= 3 and stats["ok"] == len(manifest):
+                    raise RuntimeError(f"prepare stops: the first {stats['internal']} inputs all "
+                                       f"failed inside fastavts (a bug, not your data):\n"
+                                       f"{res['internal']}")
+            rej_w.write(row)
             stats["rejected"] += 1
         bar.update()
         bar.set_postfix(ok=stats["ok"], rejected=stats["rejected"], refresh=False)
@@ -810,6 +842,12 @@ def _prepare_locked(src: Path, out: Path, cfg: Config, inputs: list, ignored: li
     if interrupted:
         raise KeyboardInterrupt(summary)
     return summary
+
+
+def _rewrite_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    os.replace(tmp, path)
 
 
 def _reason_kind(reason: str) -> str:
