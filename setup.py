@@ -18,6 +18,9 @@ setup(
     # existing PyPI package.
     packages=["fastavts", "fastavts.data", "fastavts.kernels"],
     package_dir={"fastavts.kernels": "kernels"},
+    # Lower bounds of av, numpy, omegaconf and tqdm: the test suite passed on av 15.0.0,
+    # numpy 1.26.4, omegaconf 2.3.0, tqdm 4.66.0 (and on the newest: av 18.1, numpy 2.4,
+    # omegaconf 2.4, tqdm 4.70). av 14.0 lacks attributes prepare reads.
     install_requires=[
         "torch>=2.11",                 # CPU installs pin 2.13.0 through constraints-cpu.txt
         "numpy>=1.26,<3",
