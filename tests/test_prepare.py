@@ -443,3 +443,15 @@ def test_a_bug_of_ours_is_not_blamed_on_the_input(tmp_path, synth_dir, monkeypat
     monkeypatch.setenv("FASTAVTS_TEST_BUG", "*")
     with pytest.raises(RuntimeError, match="a bug, not your data"):
         prepare(src, tmp_path / "out2", small_cfg("prepare.codec=vp9"), progress=False)
+
+
+def test_output_inside_the_source_is_skipped_and_the_source_itself_refused(tmp_path, synth_dir):
+    from fastavts.config import ConfigError
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(sorted(synth_dir.glob("*.webm"))[0], src / "a.webm")
+    for _ in range(2):  # the second run must not take the first run's videos/ as inputs
+        s = prepare(src, src / "prepared", small_cfg("prepare.codec=vp9"), progress=False)
+        assert s["inputs"] == 1 and s["prepared"] == 1
+    with pytest.raises(ConfigError, match="source folder itself"):
+        prepare(src, src, small_cfg("prepare.codec=vp9"), progress=False)

@@ -80,6 +80,9 @@ def list_inputs(src: Path, cfg: Config, out: Path) -> tuple[list[dict], list[str
     inputs, ignored = [], []
     if src.is_dir():
         out_res = out.resolve()
+        if out_res == src.resolve():
+            raise ConfigError(f"OUT '{out}' is the source folder itself; prepare into another "
+                              f"folder (inside SRC is fine: it is skipped)")
         for dirpath, dirnames, filenames in os.walk(src):
             d = Path(dirpath)
             dirnames[:] = sorted(x for x in dirnames if not x.startswith(".")
