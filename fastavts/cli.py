@@ -10,7 +10,7 @@ import platform
 import sys
 from pathlib import Path
 
-from .config import ConfigError, DataConfig, PrepareConfig, SynthConfig, build_config, describe
+from .config import ConfigError, build_config, describe
 
 EPILOG_OVERRIDES = ("Any setting can be changed with section.key=value after the arguments, "
                     "e.g. prepare.workers=4 or data.fps=30; `fastavts info --config` lists them.")
@@ -129,8 +129,12 @@ def machine_info() -> dict:
 
 def cmd_info(args) -> int:
     if args.config_schema:
-        for section, cls in (("data", DataConfig), ("synth", SynthConfig),
-                             ("prepare", PrepareConfig)):
+        import dataclasses
+
+        from .config import Config
+        for section in dataclasses.fields(Config):
+            cls = type(getattr(Config(), section.name))
+            section = section.name
             print(f"{section}:")
             for name, default, help in describe(cls):
                 print(f"  {name} = {default!r}\n      {help}")

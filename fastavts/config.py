@@ -52,6 +52,19 @@ class DataConfig:
     frame_stride: int = _f(2, "take every n-th frame of the resampled video", min=1, max=64)
     sample_rate: int = _f(16000, "audio bank sample rate in Hz (mono int16)",
                           choices=(8000, 16000, 22050, 24000, 32000, 44100, 48000))
+    crop: int = _f(112, "square crop fed to the video net (random in train, centre in eval)",
+                   min=8, max=1024)
+    flip: bool = _f(True, "random horizontal flips in train mode")
+    mean: list = _f([0.43216, 0.394666, 0.37645], "RGB mean subtracted after scaling to [0, 1]")
+    std: list = _f([0.22803, 0.22145, 0.216989], "RGB std divided by after the mean")
+    n_mels: int = _f(64, "mel bands of the log-mel spectrogram", min=8, max=256)
+    win_ms: float = _f(25.0, "STFT window length in ms (periodic Hann)", min=1.0)
+    hop_ms: float = _f(10.0, "STFT hop in ms (4 audio frames per video frame at 25 fps)",
+                       min=1.0)
+    n_fft: int = _f(512, "FFT size (>= the window in samples)", min=16)
+    fmin: float = _f(0.0, "lowest mel frequency in Hz", min=0.0)
+    fmax: float = _f(0.0, "highest mel frequency in Hz; 0 = sample_rate / 2", min=0.0)
+    log_floor_db: float = _f(-100.0, "log-mel floor in dB (10 log10 of power)", max=0.0)
 
     @property
     def clip_seconds(self) -> float:
@@ -112,10 +125,50 @@ class PrepareConfig:
 
 
 @dataclass
+class SamplerConfig:
+    """Which clips and audio windows make a batch (DESIGN.md section 1)."""
+    pairs: str = _f("paired", "paired: one (clip, audio, label) per element; inbatch: each clip "
+                    "brings its aligned and k hard windows, all B x B(1+k) pairs count",
+                    choices=("paired", "inbatch"))
+    k: int = _f(1, "inbatch: hard-negative windows per clip", min=0, max=16)
+    positive_share: float = _f(0.5, "paired: share of positives in a batch", min=0.0, max=1.0)
+    hard_min_shift: float = _f(0.5, "a hard negative is shifted by at least this (s)", min=0.0)
+    superhard_share: float = _f(0.0, "paired: share of negatives that are super-hard (same "
+                                "video, shifted less than hard_min_shift); 0 = off",
+                                min=0.0, max=1.0)
+    superhard_min_shift: float = _f(0.08, "a super-hard negative is shifted by at least this",
+                                    min=0.0)
+    curriculum: list = _f([[0.0, 0.0], [0.333, 0.25]], "hard-negative share among negatives: "
+                          "[[at, share], ...], piecewise constant from each `at` on")
+    curriculum_unit: str = _f("fraction", "unit of the curriculum's `at`",
+                              choices=("fraction", "epoch", "step"))
+    clips_per_video: int = _f(1, "clips drawn from each video per epoch", min=1)
+    seed: int = _f(0, "sampling seed: plans depend on (seed, epoch, batch, rank, world)", min=0)
+
+
+@dataclass
+class LoaderConfig:
+    """How batches are decoded: DALI (GPU, or CPU without one) or the PyAV baseline."""
+    kind: str = _f("dali", "dali: fn.decoders.video + DALI log-mel; pyav: torch DataLoader "
+                   "workers decoding with PyAV, log-mel in PyTorch", choices=("dali", "pyav"))
+    device: str = _f("auto", "where DALI runs: gpu (mixed decoding, needs H.264/HEVC/VP9 and a "
+                     "GPU), cpu (VP8/VP9/MJPEG only), auto = gpu if one is visible",
+                     choices=("auto", "gpu", "cpu"))
+    batch_size: int = _f(32, "clips per batch on each rank", min=1)
+    workers: int = _f(2, "processes preparing batches (PyAV workers / DALI source workers)",
+                      min=0)
+    threads: int = _f(2, "DALI CPU threads per pipeline", min=1)
+    prefetch: int = _f(2, "batches prepared ahead", min=1)
+    max_faults: int = _f(100, "stop after this many undecodable samples in one epoch", min=0)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,7 +203,8 @@ def _check_keys(tree: Any, cls, where: str, prefix: str = "") -> None:
 def _dataclass_of(ftype):
     if isinstance(ftype, str):
         ftype = {"DataConfig": DataConfig, "SynthConfig": SynthConfig,
-                 "PrepareConfig": PrepareConfig}.get(ftype)
+                 "PrepareConfig": PrepareConfig, "SamplerConfig": SamplerConfig,
+                 "LoaderConfig": LoaderConfig}.get(ftype)
     return ftype if dataclasses.is_dataclass(ftype) else None
 
 
@@ -274,6 +328,36 @@ def validate(cfg: Config) -> None:
                 f"prepare.segment_seconds={p.segment_seconds} at data.fps={d.fps} gives "
                 f"{seg_frames:g} frames per segment, which must be a whole multiple of "
                 f"prepare.keyframe_interval={p.keyframe_interval}.")
+    win = d.win_ms * d.sample_rate / 1000
+    if d.n_fft < win:
+        raise ConfigError(f"data.n_fft={d.n_fft} is shorter than the window data.win_ms="
+                          f"{d.win_ms} ms = {win:g} samples at {d.sample_rate} Hz; raise n_fft.")
+    if d.fmax and not d.fmin < d.fmax <= d.sample_rate / 2:
+        raise ConfigError(f"data.fmax={d.fmax} must lie in (data.fmin={d.fmin}, "
+                          f"{d.sample_rate / 2:g}] (half the sample rate), or be 0.")
+    for name in ("mean", "std"):
+        vals = getattr(d, name)
+        if len(vals) != 3 or (name == "std" and min(vals) <= 0):
+            raise ConfigError(f"data.{name} must be 3 numbers (R, G, B){', all > 0' if name == 'std' else ''}, "
+                              f"got {list(vals)}.")
+    sm = cfg.sampler
+    try:
+        pieces = [(float(a), float(b)) for a, b in sm.curriculum]
+    except (TypeError, ValueError):
+        raise ConfigError(f"sampler.curriculum must be a list of [at, share] pairs, got "
+                          f"{sm.curriculum!r}.") from None
+    if not pieces or any(not 0 <= b <= 1 or a < 0 for a, b in pieces):
+        raise ConfigError(f"sampler.curriculum needs at least one [at, share] pair with at >= 0 "
+                          f"and share in [0, 1], got {sm.curriculum!r}.")
+    if sm.curriculum_unit == "fraction" and any(a > 1 for a, _ in pieces):
+        raise ConfigError(f"sampler.curriculum: with curriculum_unit=fraction every `at` lies in "
+                          f"[0, 1], got {sm.curriculum!r}.")
+    if sm.superhard_share > 0 and sm.superhard_min_shift >= sm.hard_min_shift:
+        raise ConfigError(f"sampler.superhard_min_shift={sm.superhard_min_shift} must be below "
+                          f"sampler.hard_min_shift={sm.hard_min_shift} for super-hard negatives.")
+    if sm.pairs == "inbatch" and sm.superhard_share > 0:
+        raise ConfigError("sampler.superhard_share applies to pairs=paired only; with "
+                          "pairs=inbatch the windows of a clip are its aligned one and k hard ones.")
     if not all(isinstance(e, str) and e.startswith(".") for e in p.extensions):
         raise ConfigError(f"prepare.extensions must be a list like ['.mp4', '.webm'], "
                           f"got {list(p.extensions)}.")

@@ -1,0 +1,319 @@
+"""The sampler: which clip, which audio windows, which pair kinds, for every batch.
+
+Host side and cheap (numpy only). A batch's plan is a pure function of
+(seed, epoch, batch index, rank, world size), so any process (a DALI worker, a DataLoader
+worker, a resumed run) rebuilds exactly the same plan from those numbers alone:
+
+    plan = sampler.plan(epoch, batch)          # dict of small numpy arrays, see Plan below
+
+Epoch: every usable video contributes `clips_per_video` items; the items are permuted with
+rng(seed, epoch) and dealt to ranks round-robin (disjoint shards that together cover the epoch).
+Train mode drops each rank's tail so all ranks run the same number of equal batches (the
+dropped items are counted in `dropped_per_epoch`); eval mode keeps a partial last batch.
+
+Pairs (DESIGN.md section 1):
+* paired: batch element i is (clip i, audio window i, label). round(B * positive_share)
+  positives; each negative is super-hard with probability `superhard_share`, else hard with the
+  curriculum's hard share at this step, else easy.
+* inbatch: clip i brings its aligned window and `k` hard windows of its own video (audio rows
+  i*(1+k) .. i*(1+k)+k); every other clip's windows are its easy negatives, formed in the loss.
+  The curriculum's hard share travels with the plan for the loss to weigh hard pairs.
+A hard window is shifted by at least `hard_min_shift` and lies inside the video and its sound;
+where the video is too short for that, an easy window (another video) takes its place and is
+counted in `plan['fallback_easy']`.
+
+Train mode draws random clip starts, crops and flips; eval mode uses fixed, evenly spaced clip
+starts, centre crops and no flips.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..config import DataConfig, SamplerConfig
+
+POSITIVE, EASY, HARD, SUPERHARD = 0, 1, 2, 3
+KIND_NAMES = ("positive", "easy", "hard", "superhard")
+
+
+class Curriculum:
+    """Piecewise-constant hard-negative share: [[at, share], ...] sorted by `at`, in epochs,
+    steps, or fractions of training (unit 'fraction' needs the total number of steps)."""
+
+    def __init__(self, pieces: Sequence[Sequence[float]], unit: str,
+                 total_steps: Optional[int] = None):
+        self.pieces = sorted((float(a), float(s)) for a, s in pieces)
+        self.unit, self.total_steps = unit, total_steps
+        if unit == "fraction" and not total_steps:
+            raise ValueError("a curriculum in fractions of training needs the total number of "
+                             "steps; pass total_epochs to the Sampler")
+
+    def share(self, epoch: int, step: int, steps_per_epoch: int) -> float:
+        x = {"epoch": epoch, "step": step,
+             "fraction": step / self.total_steps if self.total_steps else 0.0}[self.unit]
+        out = 0.0  # before the first piece: easy negatives only
+        for at, s in self.pieces:
+            if at <= x + 1e-12:
+                out = s
+        return out
+
+
+class Sampler:
+    def __init__(self, videos: list[dict], data: DataConfig, cfg: SamplerConfig,
+                 batch_size: int, *, mode: str = "train", rank: int = 0, world_size: int = 1,
+                 total_epochs: int = 1, frame_size: Optional[tuple[int, int]] = None):
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.data, self.cfg, self.mode = data, cfg, mode
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.clip_span = data.clip_frames * data.frame_stride   # frames a clip's window covers
+        self.window_s = self.clip_span / data.fps               # 1.28 s by default
+        self.crop = data.crop
+        self.videos, self.skipped = [], []
+        for v in videos:
+            ranges = self._clip_ranges(v)
+            if ranges is None:
+                self.skipped.append(v["id"])
+            else:
+                self.videos.append(dict(v, _ranges=ranges))
+        if len(self.videos) < 2:
+            raise ValueError(f"the sampler needs at least 2 usable videos (easy negatives come "
+                             f"from other videos), got {len(self.videos)} of {len(videos)}")
+        self.items_per_epoch = len(self.videos) * cfg.clips_per_video
+        per_rank = self.items_per_epoch // world_size
+        if mode == "train":
+            self.batches_per_epoch = per_rank // batch_size
+            self.dropped_per_epoch = self.items_per_epoch - self.batches_per_epoch * batch_size * world_size
+            if self.batches_per_epoch == 0:
+                raise ValueError(f"{self.items_per_epoch} clips per epoch over {world_size} ranks "
+                                 f"do not fill one batch of {batch_size}; lower the batch size "
+                                 f"or raise sampler.clips_per_video")
+        else:
+            longest = -(-self.items_per_epoch // world_size)
+            self.batches_per_epoch = -(-longest // batch_size)
+            self.dropped_per_epoch = 0
+        self.curriculum = Curriculum(cfg.curriculum, cfg.curriculum_unit,
+                                     total_steps=total_epochs * self.batches_per_epoch)
+        self.epoch, self.next_batch = 0, 0
+        self.frame_size = frame_size
+
+    # ---------------------------------------------------------------------------------------
+    # per-video geometry
+
+    def _clip_ranges(self, v: dict) -> Optional[list[tuple[int, int, bool]]]:
+        """Inclusive ranges [lo, hi] of clip start frames whose frames stay in one segment,
+        each flagged whether its audio window also lies inside the recorded sound."""
+        fps = v["fps"]
+        a_lo = max(0.0, v["audio_start"])
+        a_hi = min(v["duration"], v["audio_start"] + v["audio_duration"]) - self.window_s
+        out = []
+        for s in v["segments"]:
+            lo, hi = s["start_frame"], s["start_frame"] + s["num_frames"] - self.clip_span
+            if hi < lo:
+                continue
+            f_lo, f_hi = max(lo, int(np.ceil(a_lo * fps - 1e-6))), min(hi, int(np.floor(a_hi * fps + 1e-6)))
+            if f_lo <= f_hi:
+                out.append((f_lo, f_hi, True))
+            else:
+                out.append((lo, hi, False))  # no start with full sound: the window is padded
+        if not out:
+            return None
+        good = [r for r in out if r[2]]
+        return good or out
+
+    def audio_range(self, v: dict) -> tuple[float, float]:
+        """[lo, hi] of audio window starts inside both the video and its sound."""
+        lo = max(0.0, v["audio_start"])
+        hi = min(v["duration"], v["audio_start"] + v["audio_duration"]) - self.window_s
+        if hi < lo:  # sound shorter than a window: anywhere in the video
+            lo, hi = 0.0, max(0.0, v["duration"] - self.window_s)
+        return lo, hi
+
+    # ---------------------------------------------------------------------------------------
+    # epochs and shards
+
+    def _rng(self, *key: int) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence([self.cfg.seed, *key]))
+
+    def epoch_items(self, epoch: int) -> np.ndarray:
+        """All items of the epoch in order (item = video_index * clips_per_video + clip)."""
+        n = self.items_per_epoch
+        if self.mode == "eval":
+            return np.arange(n)
+        return self._rng(epoch, 0).permutation(n)
+
+    def shard(self, epoch: int) -> np.ndarray:
+        """This rank's items of the epoch, in order."""
+        return self.epoch_items(epoch)[self.rank::self.world_size]
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    # ---------------------------------------------------------------------------------------
+    # plans
+
+    def hard_share(self, epoch: int, batch: int) -> float:
+        return self.curriculum.share(epoch, epoch * self.batches_per_epoch + batch,
+                                     self.batches_per_epoch)
+
+    def plan(self, epoch: int, batch: int) -> dict:
+        """The plan of batch `batch` of `epoch` on this rank (see the module docstring).
+
+        Arrays: clip_video, clip_frame, clip_segment, clip_t0, crop_y, crop_x, flip (B,);
+        audio_video, audio_t0, audio_owner, kind, label (M,) with M = B (paired) or B(1+k)."""
+        if not 0 <= batch < self.batches_per_epoch:
+            raise IndexError(f"batch {batch} outside [0, {self.batches_per_epoch})")
+        items = self.shard(epoch)[batch * self.batch_size:(batch + 1) * self.batch_size]
+        B = len(items)
+        gbatch = batch * self.world_size + self.rank  # unique id of this batch in the epoch
+        rng = self._rng(epoch, 1, gbatch)
+        share = self.hard_share(epoch, batch)
+        cpv = self.cfg.clips_per_video
+
+        clip_video = (items // cpv).astype(np.int64)
+        clip_frame = np.empty(B, np.int64)
+        clip_segment = np.empty(B, np.int64)
+        crop_y = np.empty(B, np.int64)
+        crop_x = np.empty(B, np.int64)
+        flip = np.zeros(B, bool)
+        for i, (vi, it) in enumerate(zip(clip_video, items)):
+            v = self.videos[vi]
+            clip_frame[i] = self._clip_start(v, int(it % cpv), rng)
+            clip_segment[i] = _segment_of(v, clip_frame[i])
+            h, w = self.frame_size or (v["height"], v["width"])
+            if h < self.crop or w < self.crop:
+                raise ValueError(f"video {v['id']} is {w}x{h}, smaller than data.crop="
+                                 f"{self.crop}; prepare with a larger short side")
+            if self.mode == "train":
+                crop_y[i], crop_x[i] = rng.integers(0, h - self.crop + 1), rng.integers(0, w - self.crop + 1)
+                flip[i] = self.data.flip and rng.random() < 0.5
+            else:
+                crop_y[i], crop_x[i] = (h - self.crop) // 2, (w - self.crop) // 2
+        fps = np.array([self.videos[vi]["fps"] for vi in clip_video])
+        clip_t0 = clip_frame / fps
+
+        fallback = 0
+        a_video, a_t0, a_owner, kind = [], [], [], []
+        if self.cfg.pairs == "paired":
+            n_pos = int(round(B * self.cfg.positive_share))
+            roles = np.zeros(B, np.int64)
+            neg = rng.permutation(B)[n_pos:]
+            u = rng.random(len(neg))
+            roles[neg] = np.where(u < self.cfg.superhard_share, SUPERHARD,
+                                  np.where(u < self.cfg.superhard_share + (1 - self.cfg.superhard_share) * share,
+                                           HARD, EASY))
+            for i in range(B):
+                vid, t, k = self._window(int(clip_video[i]), float(clip_t0[i]), int(roles[i]), rng)
+                fallback += k != roles[i]
+                a_video.append(vid)
+                a_t0.append(t)
+                a_owner.append(i)
+                kind.append(k)
+        else:
+            for i in range(B):
+                wants = [POSITIVE] + [HARD] * self.cfg.k
+                for want in wants:
+                    vid, t, k = self._window(int(clip_video[i]), float(clip_t0[i]), want, rng)
+                    fallback += k != want
+                    a_video.append(vid)
+                    a_t0.append(t)
+                    a_owner.append(i)
+                    kind.append(k)
+        kind = np.asarray(kind, np.int8)
+        return dict(
+            epoch=epoch, batch=batch, rank=self.rank, hard_share=share, mode=self.mode,
+            pairs=self.cfg.pairs, fallback_easy=int(fallback),
+            clip_video=clip_video, clip_frame=clip_frame, clip_segment=clip_segment,
+            clip_t0=clip_t0.astype(np.float64), crop_y=crop_y, crop_x=crop_x, flip=flip,
+            audio_video=np.asarray(a_video, np.int64), audio_t0=np.asarray(a_t0, np.float64),
+            audio_owner=np.asarray(a_owner, np.int64), kind=kind,
+            label=(kind == POSITIVE).astype(np.int64),
+        )
+
+    def _clip_start(self, v: dict, clip: int, rng) -> int:
+        ranges = v["_ranges"]
+        sizes = np.array([hi - lo + 1 for lo, hi, _ in ranges])
+        if self.mode == "train":
+            j = int(rng.integers(0, sizes.sum()))
+        else:  # evenly spaced over the valid starts, centred
+            j = int((clip + 0.5) * sizes.sum() / self.cfg.clips_per_video)
+        for (lo, hi, _), n in zip(ranges, sizes):
+            if j < n:
+                return lo + j
+            j -= n
+        return ranges[-1][1]
+
+    def _window(self, vi: int, t0: float, want: int, rng) -> tuple[int, float, int]:
+        """(video index, start time, kind) of an audio window of kind `want` for the clip of
+        video vi starting at t0; hard kinds fall back to easy where they cannot fit."""
+        if want == POSITIVE:
+            return vi, t0, POSITIVE
+        v = self.videos[vi]
+        if want in (HARD, SUPERHARD):
+            lo, hi = self.audio_range(v)
+            if want == HARD:
+                near, far = self.cfg.hard_min_shift, np.inf
+            else:
+                near, far = self.cfg.superhard_min_shift, self.cfg.hard_min_shift
+            # starts t with near <= |t - t0| < far, inside [lo, hi]
+            pieces = [(max(lo, t0 - far + 1e-9), min(hi, t0 - near)),
+                      (max(lo, t0 + near), min(hi, t0 + far - 1e-9))]
+            pieces = [(a, b) for a, b in pieces if b >= a]
+            if pieces:
+                lens = np.array([b - a for a, b in pieces]) + 1e-12
+                a, b = pieces[int(rng.choice(len(pieces), p=lens / lens.sum()))]
+                t = a + (b - a) * rng.random() if self.mode == "train" else (a + b) / 2
+                t = round(t * self.data.sample_rate) / self.data.sample_rate  # on the sample grid
+                if near <= abs(t - t0) < far:
+                    return vi, t, want
+        # easy: another video, a window inside it
+        n = len(self.videos)
+        other = int(rng.integers(0, n - 1))
+        other += other >= vi
+        lo, hi = self.audio_range(self.videos[other])
+        t = lo + (hi - lo) * rng.random() if self.mode == "train" else (lo + hi) / 2
+        t = round(t * self.data.sample_rate) / self.data.sample_rate
+        return other, t, EASY
+
+    # ---------------------------------------------------------------------------------------
+    # iteration and resume
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.next_batch = epoch, 0
+
+    def __iter__(self):
+        """Plans from the current position to the end of the epoch; the position advances as
+        plans are taken, so state_dict() mid-epoch resumes at the next one."""
+        while self.next_batch < self.batches_per_epoch:
+            b = self.next_batch
+            self.next_batch += 1
+            yield self.plan(self.epoch, b)
+
+    def fingerprint(self) -> str:
+        """What must match for a saved position to mean the same batches."""
+        key = dict(sampler=asdict(self.cfg), data=asdict(self.data), batch=self.batch_size,
+                   mode=self.mode, world=self.world_size, rank=self.rank,
+                   videos=[v["id"] for v in self.videos])
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def state_dict(self) -> dict:
+        return dict(epoch=self.epoch, next_batch=self.next_batch, fingerprint=self.fingerprint())
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("fingerprint") != self.fingerprint():
+            raise ValueError("the saved sampler position belongs to another dataset, config, batch "
+                             "size or world size; resume with the same ones")
+        self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])
+
+
+def _segment_of(v: dict, frame: int) -> int:
+    for j, s in enumerate(v["segments"]):
+        if s["start_frame"] <= frame < s["start_frame"] + s["num_frames"]:
+            return j
+    raise ValueError(f"frame {frame} is outside video {v['id']}")
