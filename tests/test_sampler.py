@@ -1,0 +1,147 @@
+"""The sampler: curriculum statistics, shards, resume, negatives that respect their rules."""
+import numpy as np
+import pytest
+
+from fastavts.config import build_config
+from fastavts.data.sampler import EASY, HARD, POSITIVE, SUPERHARD, Curriculum, Sampler
+
+
+def fake_videos(n=40, seed=0, short=()):
+    """Manifest-like rows: 25 fps, durations 4-12 s (some given ones 1.5 s)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        dur = 1.5 if i in short else float(rng.uniform(4, 12))
+        nf = int(round(dur * 25))
+        out.append(dict(id=f"v{i}", fps=25.0, num_frames=nf, duration=nf / 25, width=160,
+                        height=128, audio_start=float(rng.uniform(-0.1, 0.1)),
+                        audio_duration=nf / 25, segments=[dict(path=f"v{i}.webm",
+                                                               start_frame=0, num_frames=nf)]))
+    return out
+
+
+def make(*overrides, videos=None, batch=8, **kw):
+    cfg = build_config(overrides=list(overrides))
+    return Sampler(videos or fake_videos(), cfg.data, cfg.sampler, batch, **kw), cfg
+
+
+def test_curriculum_schedule_is_followed_by_the_batches():
+    s, cfg = make("sampler.curriculum=[[0,0.0],[2,0.5],[4,1.0]]", "sampler.curriculum_unit=epoch",
+                  "sampler.clips_per_video=8", batch=16, total_epochs=6)
+    for epoch, want in [(0, 0.0), (1, 0.0), (2, 0.5), (3, 0.5), (4, 1.0), (5, 1.0)]:
+        kinds = np.concatenate([s.plan(epoch, b)["kind"] for b in range(len(s))])
+        neg = kinds[kinds != POSITIVE]
+        share = np.mean(neg == HARD)
+        print(epoch, want, share, len(neg))
+        assert np.mean(kinds == POSITIVE) == pytest.approx(0.5)  # exactly half per batch
+        assert abs(share - want) < 4 * np.sqrt(want * (1 - want) / len(neg)) + 1e-9
+        assert s.hard_share(epoch, 0) == want
+
+
+def test_curriculum_in_fractions_and_steps():
+    c = Curriculum([[0, 0.0], [0.333, 0.25]], "fraction", total_steps=300)
+    assert [c.share(0, s, 100) for s in (0, 99, 100, 299)] == [0.0, 0.0, 0.25, 0.25]
+    c = Curriculum([[10, 0.3]], "step")
+    assert (c.share(0, 9, 5), c.share(0, 10, 5)) == (0.0, 0.3)
+    with pytest.raises(ValueError, match="total number of steps"):
+        Curriculum([[0, 0.1]], "fraction")
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_shards_are_disjoint_and_cover_the_epoch(world):
+    shards = [make(batch=4, rank=r, world_size=world)[0].shard(epoch=3) for r in range(world)]
+    allitems = np.concatenate(shards)
+    assert len(np.unique(allitems)) == len(allitems) == 40  # disjoint, complete
+    samplers = [make(batch=4, rank=r, world_size=world)[0] for r in range(world)]
+    assert len({len(s) for s in samplers}) == 1  # the same number of batches on every rank
+    used = [s.plan(3, b)["clip_video"] for s in samplers for b in range(len(s))]
+    used = np.concatenate(used)
+    assert len(np.unique(used)) == len(used)  # batches never repeat a clip across ranks
+    assert len(used) + samplers[0].dropped_per_epoch == 40
+
+
+def test_plans_are_deterministic_and_epochs_differ():
+    a, b = make()[0], make()[0]
+    pa, pb = a.plan(2, 1), b.plan(2, 1)
+    for k in pa:
+        assert np.array_equal(pa[k], pb[k]), k
+    assert not np.array_equal(a.plan(3, 1)["clip_video"], pa["clip_video"])
+    c = make("sampler.seed=1")[0]
+    assert not np.array_equal(c.plan(2, 1)["clip_frame"], pa["clip_frame"])
+
+
+def test_resume_mid_epoch_reproduces_the_remaining_batches():
+    s, _ = make()
+    s.set_epoch(1)
+    it = iter(s)
+    for _ in range(2):
+        next(it)
+    state = s.state_dict()
+    rest = list(it)
+    r, _ = make()
+    r.load_state_dict(state)
+    again = list(r)
+    assert len(again) == len(rest) == len(s) - 2
+    for x, y in zip(rest, again):
+        for k in x:
+            assert np.array_equal(x[k], y[k])
+    other, _ = make(batch=4)
+    with pytest.raises(ValueError, match="another dataset, config, batch size"):
+        other.load_state_dict(state)
+
+
+def test_negatives_follow_their_rules():
+    vids = fake_videos(short=(0, 1, 2))
+    s, cfg = make("sampler.curriculum=[[0,0.6]]", "sampler.superhard_share=0.2",
+                  "sampler.clips_per_video=6", videos=vids, batch=12)
+    W = s.window_s
+    fallbacks = 0
+    for b in range(len(s)):
+        p = s.plan(0, b)
+        fallbacks += p["fallback_easy"]
+        for i in range(len(p["kind"])):
+            cv, av, k = p["clip_video"][i], p["audio_video"][i], p["kind"][i]
+            shift = abs(p["audio_t0"][i] - p["clip_t0"][i])
+            v = s.videos[av]
+            assert -1e-9 <= p["audio_t0"][i] and p["audio_t0"][i] + W <= v["duration"] + 1e-9
+            if k == POSITIVE:
+                assert av == cv and shift < 1e-9
+            elif k == EASY:
+                assert av != cv
+            elif k == HARD:
+                assert av == cv and shift >= cfg.sampler.hard_min_shift - 1e-9
+            else:
+                assert k == SUPERHARD and av == cv
+                assert cfg.sampler.superhard_min_shift - 1e-9 <= shift < cfg.sampler.hard_min_shift
+            # clip frames and window inside the video
+            f0 = p["clip_frame"][i]
+            assert 0 <= f0 and f0 + s.clip_span <= s.videos[cv]["num_frames"]
+            assert 0 <= p["crop_y"][i] <= 128 - 112 and 0 <= p["crop_x"][i] <= 160 - 112
+    # the 1.5 s videos cannot hold a clip and a window shifted by 0.5 s: counted fallbacks
+    assert fallbacks > 0
+
+
+def test_inbatch_pairs_have_one_aligned_and_k_hard_windows_per_clip():
+    s, cfg = make("sampler.pairs=inbatch", "sampler.k=2")
+    p = s.plan(0, 0)
+    B = len(p["clip_video"])
+    assert len(p["kind"]) == 3 * B
+    assert np.array_equal(p["audio_owner"], np.repeat(np.arange(B), 3))
+    kinds = p["kind"].reshape(B, 3)
+    assert (kinds[:, 0] == POSITIVE).all() and (kinds[:, 1:] == HARD).all()
+
+
+def test_eval_mode_is_fixed_and_centred():
+    s, _ = make(mode="eval", batch=7)
+    a, b = s.plan(0, 0), s.plan(5, 0)
+    assert np.array_equal(a["clip_frame"], b["clip_frame"]) and not a["flip"].any()
+    assert (a["crop_y"] == 8).all() and (a["crop_x"] == 24).all()
+    covered = np.concatenate([s.plan(0, i)["clip_video"] for i in range(len(s))])
+    assert sorted(covered) == list(range(40))  # eval keeps the partial last batch
+
+
+def test_refuses_what_cannot_work():
+    with pytest.raises(ValueError, match="at least 2 usable videos"):
+        make(videos=fake_videos(n=1))
+    with pytest.raises(ValueError, match="do not fill one batch"):
+        make(batch=64)
