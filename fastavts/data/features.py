@@ -1,0 +1,121 @@
+"""What a model sees, defined once: audio windows, log-mel features and the video transform.
+
+The PyTorch functions here are the reference twins of the DALI pipeline (dali_loader.py): the
+PyAV loader uses them, the tests compare DALI's output with them, and both read windows through
+`audio_window`, so that the two loaders agree sample for sample.
+
+Log-mel of one window (DESIGN.md section 1; the defaults give 128 frames of 64 bands for a
+1.28 s clip, 4 audio frames per video frame at 25 fps):
+    frame k is centred at t0 + k * hop and spans win samples (periodic Hann), read from the
+    bank with win/2 samples of real context before t0 and after the window's end (no padding)
+    power spectrum |rfft(frame, n_fft)|^2 -> Slaney mel filters with area normalisation
+    (librosa's default, DALI's mel_filter_bank default) -> 10 log10(max(x, 10^(floor/10)))
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+
+from ..config import DataConfig
+
+
+class AudioGeometry:
+    """Sample counts of a clip's audio window with its STFT context."""
+
+    def __init__(self, d: DataConfig):
+        self.sr = d.sample_rate
+        self.win = int(round(d.win_ms * d.sample_rate / 1000))
+        self.hop = int(round(d.hop_ms * d.sample_rate / 1000))
+        self.n_fft = d.n_fft
+        window_s = d.clip_frames * d.frame_stride / d.fps
+        self.frames = int(round(window_s * 1000 / d.hop_ms))    # 128 for 1.28 s / 10 ms
+        self.context = self.win // 2                            # samples before t0
+        self.length = (self.frames - 1) * self.hop + self.win   # samples read per window
+        self.n_mels, self.fmin = d.n_mels, d.fmin
+        self.fmax = d.fmax or d.sample_rate / 2
+        self.floor_db = d.log_floor_db
+
+
+def audio_window(bank, record: dict, t0: float, geo: AudioGeometry) -> np.ndarray:
+    """float32 (geo.length,) samples for the window starting at video time t0 (context
+    included); zeros outside the recorded sound. `bank` is an AudioBank."""
+    first = int(round((t0 - record["audio_start"]) * geo.sr)) - geo.context
+    out = np.zeros(geo.length, np.float32)
+    lo, hi = max(first, 0), min(first + geo.length, record["audio_samples"])
+    if hi > lo:
+        off = record["audio_offset"]
+        out[lo - first:hi - first] = bank.pcm[off + lo:off + hi] * np.float32(1 / 32768)
+    return out
+
+
+def hz_to_mel(f):
+    """Slaney's mel scale: linear below 1 kHz, logarithmic above."""
+    f = np.asarray(f, np.float64)
+    lin = f / (200.0 / 3)
+    log = 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) / (math.log(6.4) / 27)
+    return np.where(f >= 1000.0, log, lin)
+
+
+def mel_to_hz(m):
+    m = np.asarray(m, np.float64)
+    lin = m * (200.0 / 3)
+    log = 1000.0 * np.exp((math.log(6.4) / 27) * (m - 15.0))
+    return np.where(m >= 15.0, log, lin)
+
+
+@lru_cache(maxsize=8)
+def mel_filterbank(sr: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
+    """(n_mels, n_fft // 2 + 1) triangular filters on the Slaney mel scale, each divided by
+    its bandwidth in Hz / 2 (area normalisation)."""
+    bins = np.arange(n_fft // 2 + 1) * sr / n_fft
+    edges = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
+    fb = np.zeros((n_mels, len(bins)))
+    for m in range(n_mels):
+        lo, mid, hi = edges[m], edges[m + 1], edges[m + 2]
+        up = (bins - lo) / (mid - lo)
+        down = (hi - bins) / (hi - mid)
+        fb[m] = np.maximum(0, np.minimum(up, down)) * (2.0 / (hi - lo))
+    return fb
+
+
+def hann(n: int) -> np.ndarray:
+    """Periodic Hann window (the STFT convention), float32."""
+    return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)).astype(np.float32)
+
+
+class LogMel:
+    """(M, geo.length) float32 windows -> (M, 1, n_mels, frames) log-mel, in PyTorch."""
+
+    def __init__(self, geo: AudioGeometry, device="cpu"):
+        import torch
+
+        self.geo = geo
+        self.window = torch.from_numpy(hann(geo.win)).to(device)
+        fb = mel_filterbank(geo.sr, geo.n_fft, geo.n_mels, geo.fmin, geo.fmax)
+        self.fb = torch.from_numpy(fb.astype(np.float32)).to(device)   # (n_mels, bins)
+        self.floor = 10.0 ** (geo.floor_db / 10)
+
+    def __call__(self, x):
+        import torch
+
+        g = self.geo
+        frames = x.unfold(-1, g.win, g.hop) * self.window               # (M, F, win)
+        spec = torch.fft.rfft(frames, n=g.n_fft).abs().pow(2)           # (M, F, bins)
+        mel = spec @ self.fb.T                                          # (M, F, n_mels)
+        logmel = 10 * torch.log10(mel.clamp_min(self.floor))
+        return logmel.transpose(1, 2).unsqueeze(1).contiguous()         # (M, 1, n_mels, F)
+
+
+def video_transform(frames: np.ndarray, y: int, x: int, crop: int, flip: bool, mean, std):
+    """uint8 (T, H, W, 3) -> float32 (3, T, crop, crop): crop, flip, (x/255 - mean) / std."""
+    import torch
+
+    clip = torch.from_numpy(np.ascontiguousarray(frames[:, y:y + crop, x:x + crop]))
+    if flip:
+        clip = clip.flip(2)
+    clip = clip.permute(3, 0, 1, 2).float().div_(255)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1)
+    return (clip - m) / s

@@ -1,0 +1,132 @@
+"""Loaders: plans from the sampler in, batches of torch tensors out.
+
+    loader = make_loader(cfg, "data/synth_prepared", mode="train", total_epochs=10)
+    for epoch in range(10):
+        for batch in loader.epoch(epoch):
+            batch["video"]   # (B, 3, T, crop, crop) float32, normalised
+            batch["audio"]   # (M, 1, n_mels, frames) float32 log-mel; M = B or B(1+k)
+            ...              # label, kind, clip_video, clip_t0, audio_video, audio_t0,
+                             # audio_owner (M or B,), hard_share, faults
+
+`loader.kind` is "dali" or "pyav" (config `loader.kind`); both take the same plans and give
+the same layout. `loader.state_dict()` saves the position (the sampler's), so a resumed run
+continues at the next batch. A clip that cannot be decoded is replaced by another clip of the
+same batch (with its audio windows) and counted in `batch["faults"]` and `loader.faults`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from ..config import Config
+from .dataset import Dataset
+from .sampler import Sampler
+
+
+def substitute(plan: dict, bad: set[int]) -> dict:
+    """A copy of `plan` where each clip position in `bad` is replaced by the nearest good
+    clip of the batch, with that clip's audio windows (the batch keeps its shape, its pair
+    kinds stay true). Raises if no clip of the batch is good."""
+    B = len(plan["clip_video"])
+    good = [i for i in range(B) if i not in bad]
+    if not good:
+        raise RuntimeError(f"every clip of batch {plan['batch']} (epoch {plan['epoch']}) failed "
+                           f"to decode; see the loader's fault report")
+    out = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in plan.items()}
+    owner = plan["audio_owner"]
+    donor = {}
+    for i in sorted(bad):
+        j = min(good, key=lambda g: ((g - i) % B))
+        donor[i] = j
+        for key in ("clip_video", "clip_frame", "clip_segment", "clip_t0", "crop_y", "crop_x",
+                    "flip"):
+            out[key][i] = plan[key][j]
+        rows_i, rows_j = np.flatnonzero(owner == i), np.flatnonzero(owner == j)
+        for key in ("audio_video", "audio_t0", "kind", "label"):
+            out[key][rows_i] = plan[key][rows_j]
+    out["substituted"] = sorted(bad)
+    out["donor"] = donor  # bad position -> the good position copied into it
+    return out
+
+
+def plan_meta(plan: dict) -> dict:
+    """The plan's bookkeeping as torch tensors (what the loss and the metrics need)."""
+    import torch
+
+    return dict(
+        label=torch.from_numpy(plan["label"]), kind=torch.from_numpy(plan["kind"].astype(np.int64)),
+        clip_video=torch.from_numpy(plan["clip_video"]),
+        clip_t0=torch.from_numpy(plan["clip_t0"].astype(np.float32)),
+        audio_video=torch.from_numpy(plan["audio_video"]),
+        audio_t0=torch.from_numpy(plan["audio_t0"].astype(np.float32)),
+        audio_owner=torch.from_numpy(plan["audio_owner"]),
+        hard_share=float(plan["hard_share"]), epoch=plan["epoch"], batch=plan["batch"],
+        fallback_easy=plan["fallback_easy"], faults=len(plan.get("substituted", ())),
+    )
+
+
+class BaseLoader(ABC):
+    """Position, fault accounting and the sampler; subclasses decode."""
+    kind = "base"
+
+    def __init__(self, cfg: Config, root: str | Path, *, mode: str = "train", rank: int = 0,
+                 world_size: int = 1, total_epochs: int = 1):
+        self.cfg, self.root, self.mode = cfg, Path(root), mode
+        self.dataset = Dataset.open(root)
+        self.sampler = Sampler(self.dataset.videos, cfg.data, cfg.sampler, cfg.loader.batch_size,
+                               mode=mode, rank=rank, world_size=world_size,
+                               total_epochs=total_epochs)
+        self.video_ids = [v["id"] for v in self.sampler.videos]
+        self.faults = Counter()          # video id -> undecodable clips, this run
+        self.fault_log: list[dict] = []  # (epoch, batch, video, error)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def record_faults(self, plan: dict, bad: dict[int, str]) -> None:
+        for i, err in bad.items():
+            vid = self.video_ids[int(plan["clip_video"][i])]
+            self.faults[vid] += 1
+            self.fault_log.append(dict(epoch=plan["epoch"], batch=plan["batch"], video=vid,
+                                       error=err[:300]))
+        epoch_faults = sum(1 for f in self.fault_log if f["epoch"] == plan["epoch"])
+        if epoch_faults > self.cfg.loader.max_faults:
+            raise RuntimeError(
+                f"{epoch_faults} clips failed to decode in epoch {plan['epoch']} (more than "
+                f"loader.max_faults={self.cfg.loader.max_faults}); the dataset looks damaged. "
+                f"First ones: {self.fault_log[:3]}")
+
+    def epoch(self, epoch: int) -> Iterator[dict]:
+        """Batches of `epoch` from the saved position on (0 unless resumed mid-epoch)."""
+        if self.sampler.epoch != epoch:
+            self.sampler.set_epoch(epoch)
+        start = self.sampler.next_batch
+        for batch in self._batches(epoch, start):
+            self.sampler.next_batch = batch["batch"] + 1
+            yield batch
+
+    @abstractmethod
+    def _batches(self, epoch: int, start: int) -> Iterator[dict]:
+        """Decoded batches of `epoch` from batch `start` on (each loader its own way)."""
+
+    def state_dict(self) -> dict:
+        return dict(sampler=self.sampler.state_dict(), faults=dict(self.faults))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.faults.update(state.get("faults", {}))
+
+
+def make_loader(cfg: Config, root: str | Path, *, mode: str = "train", rank: int = 0,
+                world_size: int = 1, total_epochs: int = 1, device: Optional[str] = None):
+    """The loader named by cfg.loader.kind."""
+    kw = dict(mode=mode, rank=rank, world_size=world_size, total_epochs=total_epochs)
+    if cfg.loader.kind == "pyav":
+        from .pyav_loader import PyAVLoader
+        return PyAVLoader(cfg, root, **kw)
+    from .dali_loader import DALILoader
+    return DALILoader(cfg, root, device=device, **kw)
