@@ -1,0 +1,98 @@
+"""The PyTorch log-mel against a float64 NumPy computation written from the formulas."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastavts.config import build_config
+from fastavts.data.features import AudioGeometry, LogMel, mel_filterbank, video_transform
+
+
+def reference_logmel(x, sr, win, hop, n_fft, n_mels, fmin, fmax, floor_db):
+    """Frame by frame, float64: periodic Hann, DFT power, Slaney-mel triangles with area
+    normalisation built bin by bin, 10 log10 with a floor."""
+    def to_mel(f):  # Slaney: 3 mels per 200 Hz below 1 kHz, then 27 mels per factor 6.4
+        return f * 3 / 200 if f < 1000 else 15 + 27 * math.log(f / 1000) / math.log(6.4)
+
+    def to_hz(m):
+        return m * 200 / 3 if m < 15 else 1000 * 6.4 ** ((m - 15) / 27)
+
+    centres = [to_hz(to_mel(fmin) + (to_mel(fmax) - to_mel(fmin)) * i / (n_mels + 1))
+               for i in range(n_mels + 2)]
+    n_bins = n_fft // 2 + 1
+    fb = np.zeros((n_mels, n_bins))
+    for m in range(n_mels):
+        lo, c, hi = centres[m], centres[m + 1], centres[m + 2]
+        for k in range(n_bins):
+            f = k * sr / n_fft
+            if lo < f <= c:
+                fb[m, k] = (f - lo) / (c - lo)
+            elif c < f < hi:
+                fb[m, k] = (hi - f) / (hi - c)
+        fb[m] *= 2 / (hi - lo)
+    window = np.array([0.5 - 0.5 * math.cos(2 * math.pi * n / win) for n in range(win)])
+    n_frames = 1 + (len(x) - win) // hop
+    dft = np.exp(-2j * np.pi * np.outer(np.arange(n_bins), np.arange(win)) / n_fft)
+    out = np.zeros((n_mels, n_frames))
+    for t in range(n_frames):
+        frame = x[t * hop:t * hop + win].astype(np.float64) * window
+        power = np.abs(dft @ frame) ** 2
+        out[:, t] = 10 * np.log10(np.maximum(fb @ power, 10 ** (floor_db / 10)))
+    return out
+
+
+@pytest.mark.parametrize("sr,win_ms,hop_ms,n_fft,n_mels,fmin,fmax", [
+    (16000, 25, 10, 512, 64, 0, 0),        # the default
+    (16000, 25, 10, 400, 40, 60, 7600),    # n_fft equal to the window, band-limited
+    (22050, 23, 7, 1024, 80, 0, 0),        # odd sizes: 507-sample window, 154-sample hop
+    (8000, 32, 16, 256, 23, 100, 3900),
+])
+def test_logmel_matches_the_formulas(sr, win_ms, hop_ms, n_fft, n_mels, fmin, fmax):
+    cfg = build_config(overrides=[f"data.sample_rate={sr}", f"data.win_ms={win_ms}",
+                                  f"data.hop_ms={hop_ms}", f"data.n_fft={n_fft}",
+                                  f"data.n_mels={n_mels}", f"data.fmin={fmin}",
+                                  f"data.fmax={fmax}"])
+    geo = AudioGeometry(cfg.data)
+    rng = np.random.default_rng(0)
+    t = np.arange(geo.length) / sr
+    x = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(geo.length)
+         + 0.5 * (np.abs(t - 0.6) < 0.01)).astype(np.float32)   # tone, noise, a click
+    x2 = np.zeros_like(x)  # silence: every value at the floor
+    got = LogMel(geo)(torch.from_numpy(np.stack([x, x2]))).numpy()
+    assert got.shape == (2, 1, n_mels, geo.frames)
+    ref = reference_logmel(x, sr, geo.win, geo.hop, n_fft, n_mels, fmin, fmax or sr / 2,
+                           geo.floor_db)
+    err = np.abs(got[0, 0] - ref)
+    # float32 power in dB: 1e-3 dB where there is energy; near the floor relative errors grow
+    big = ref > geo.floor_db + 40
+    print(f"max dB error {err[big].max():.2e} over {big.sum()} values, everywhere {err.max():.2e}")
+    assert big.mean() > 0.5
+    assert err[big].max() < 2e-3
+    assert np.allclose(got[1, 0], geo.floor_db)
+
+
+def test_mel_filterbank_shape_and_area():
+    fb = mel_filterbank(16000, 512, 64, 0.0, 8000.0)
+    assert fb.shape == (64, 257) and (fb >= 0).all()
+    # area normalisation: each triangle's integral over Hz is 1 (up to bin sampling)
+    area = fb.sum(1) * 16000 / 512
+    print(np.round(area, 3))
+    assert np.allclose(area[14:], 1, atol=0.02)  # bands wide enough for 31 Hz bins
+    assert abs(area[4:].mean() - 1) < 0.01
+
+
+def test_geometry_gives_four_audio_frames_per_video_frame():
+    geo = AudioGeometry(build_config().data)
+    assert (geo.frames, geo.win, geo.hop, geo.length) == (128, 400, 160, 127 * 160 + 400)
+
+
+def test_video_transform_against_numpy():
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, size=(5, 37, 53, 3), dtype=np.uint8)
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    got = video_transform(frames, 3, 11, 29, True, mean, std).numpy()
+    ref = frames[:, 3:32, 11:40][:, :, ::-1].astype(np.float64) / 255
+    ref = ((ref - mean) / std).transpose(3, 0, 1, 2)
+    assert got.shape == (3, 5, 29, 29)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
