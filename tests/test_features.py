@@ -78,9 +78,9 @@ def test_mel_filterbank_shape_and_area():
     # area normalisation: each triangle's integral over Hz is 1 (up to bin sampling)
     area = fb.sum(1) * 16000 / 512
     print(np.round(area, 3))
-    assert np.allclose(area[26:], 1, atol=0.02)  # above 1 kHz bands widen: 31 Hz bins suffice
-    assert np.allclose(area[4:], 1, atol=0.06)   # below, 133 Hz bands sampled by 31 Hz bins
-    assert abs(area[4:].mean() - 1) < 0.01
+    # narrow low bands are sampled by 31 Hz bins (up to 11 % off); the wide high ones are not
+    assert np.allclose(area, 1, atol=0.12) and abs(area.mean() - 1) < 0.01
+    assert np.allclose(area[40:], 1, atol=0.01)
 
 
 def test_geometry_gives_four_audio_frames_per_video_frame():
