@@ -1,0 +1,161 @@
+"""DALI (CPU pipeline, VP9) and PyAV loaders: same plan, same batch; windows hold the impacts
+the clips show; damaged files are skipped and counted; a resumed loader continues exactly."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from av_events import floor_contacts
+from fastavts.config import build_config
+from fastavts.data import Dataset
+from fastavts.data.loader import make_loader
+from fastavts.data.prepare import prepare
+from fastavts.data.sampler import HARD, POSITIVE
+from fastavts.data.synth import synthesize
+
+BASE = ["loader.device=cpu", "loader.workers=0", "loader.batch_size=6",
+        "sampler.clips_per_video=2", "prepare.codec=vp9", "prepare.workers=2",
+        "synth.workers=2"]
+
+
+@pytest.fixture(scope="module")
+def one_object(tmp_path_factory):
+    """6 videos of 6-8 s, one sounding object each, 160x128, prepared at short side 128."""
+    root = tmp_path_factory.mktemp("loaders")
+    cfg = build_config(overrides=BASE + [
+        "synth.videos=6", "synth.min_duration=6", "synth.max_duration=8",
+        "synth.min_objects=1", "synth.max_objects=1", "synth.seed=3"])
+    synthesize(root / "synth", cfg, progress=False)
+    prepare(root / "synth", root / "prepared", cfg, progress=False)
+    return root / "prepared"
+
+
+def loader(root, kind, *overrides, **kw):
+    return make_loader(build_config(overrides=BASE + [f"loader.kind={kind}", *overrides]),
+                       root, **kw)
+
+
+META = ["label", "kind", "clip_video", "clip_t0", "audio_video", "audio_t0", "audio_owner"]
+
+
+@pytest.mark.parametrize("pairs", ["pairs=paired", "pairs=inbatch"])
+def test_dali_and_pyav_give_the_same_batches(one_object, pairs):
+    extra = [f"sampler.{pairs}", "sampler.k=2", "sampler.curriculum=[[0,0.5]]"]
+    dali, pyav = loader(one_object, "dali", *extra), loader(one_object, "pyav", *extra)
+    n = 0
+    for a, b in zip(dali.epoch(1), pyav.epoch(1)):
+        n += 1
+        for k in META:
+            assert torch.equal(a[k], b[k]), k
+        B, M = len(a["clip_video"]), len(a["kind"])
+        assert a["video"].shape == b["video"].shape == (B, 3, 16, 112, 112)
+        assert a["audio"].shape == b["audio"].shape == (M, 1, 64, 128)
+        assert M == (3 * B if pairs == "pairs=inbatch" else B)
+        # frames: the two decoders differ only by YUV->RGB rounding (~1.5 of 255)
+        err = (a["video"] - b["video"]).abs().mean(dim=(1, 3, 4))     # (B, T)
+        shifted = (a["video"][:, :, 1:] - b["video"][:, :, :-1]).abs().mean(dim=(1, 3, 4))
+        print("video err", err.mean().item(), "vs one frame off", shifted.mean().item())
+        assert err.max() < 0.06                    # in normalised units (1/255/0.22 = 0.018)
+        assert (err[:, 1:] < shifted).float().mean() > 0.95
+        # log-mel: the same float32 arithmetic on both sides, to a few thousandths of a dB
+        loud = b["audio"] > -60
+        aerr = (a["audio"] - b["audio"]).abs()
+        print("audio err dB max", aerr[loud].max().item())
+        assert aerr[loud].max() < 0.02 and loud.float().mean() > 0.5
+    assert n == len(dali) == len(pyav) > 0
+
+
+def logmel_onsets(lm: np.ndarray, rise_db: float = 8.0) -> list[float]:
+    """Seconds from the window start where the total power jumps by rise_db over 10-50 ms."""
+    e = 10 * np.log10((10 ** (lm / 10)).sum(0))
+    out = []
+    for k in range(4, len(e)):
+        if e[k] - e[max(0, k - 6):k - 1].max() > rise_db and (not out or k - out[-1] > 6):
+            out.append(k)
+    return [k * 0.01 for k in out]
+
+
+def share_matched(a, b, tol):
+    return np.mean([min((abs(x - y) for y in b), default=9) <= tol for x in a]) if a else 1.0
+
+
+@pytest.mark.parametrize("kind", ["dali", "pyav"])
+def test_positive_windows_sound_where_the_clip_shows_impacts(one_object, kind):
+    """Contacts are found in the prepared video at full frame rate over the clip's span; the
+    sounds are found in the loader's log-mel of the pair's window."""
+    L = loader(one_object, kind, "sampler.curriculum=[[0,1.0]]", "sampler.clips_per_video=4")
+    ds = Dataset.open(one_object)
+    tol = 0.04 + 0.012  # one video frame, plus half a 25 ms analysis window
+    pos, hard = [], []
+    for b in L.epoch(0):
+        for i in range(len(b["clip_video"])):
+            v = L.sampler.videos[int(b["clip_video"][i])]
+            t0 = float(b["clip_t0"][i])
+            f0 = int(round(t0 * v["fps"]))
+            frames = ds.frames(v["id"], range(f0, f0 + 32))
+            contacts = [k / v["fps"] for k in floor_contacts(
+                frames, v["meta"]["objects"][0]["colour"], v["meta"]["floor_y"])]
+            onsets = logmel_onsets(b["audio"][i, 0].numpy())
+            if not contacts:
+                continue
+            row = (share_matched(contacts, onsets, tol), share_matched(onsets, contacts, tol))
+            {POSITIVE: pos, HARD: hard}[int(b["kind"][i])].append(row)
+    pos, hard = np.array(pos), np.array(hard)
+    print(kind, "positives", pos.mean(0), len(pos), "hard", hard.mean(0), len(hard))
+    assert len(pos) >= 8 and len(hard) >= 8
+    assert pos.mean(0).min() > 0.9            # every contact heard, every sound seen
+    assert hard[:, 0].mean() < 0.5            # shifted >= 0.5 s: coincidences only
+
+
+@pytest.mark.parametrize("kind", ["dali", "pyav"])
+def test_a_damaged_file_mid_epoch_is_skipped_and_counted(one_object, tmp_path, kind):
+    root = tmp_path / "prepared"
+    shutil.copytree(one_object, root)
+    ds = Dataset.open(root)
+    victim = ds.videos[2]
+    path = root / victim["segments"][0]["path"]
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, path.stat().st_size,
+                                                        dtype=np.uint8).tobytes())
+    L = loader(root, kind, "sampler.clips_per_video=4")
+    bad = L.video_ids.index(victim["id"])
+    batches = list(L.epoch(0))
+    assert len(batches) == len(L)                      # the epoch went on to its end
+    assert all(bad not in b["clip_video"].tolist() for b in batches)  # replaced
+    assert L.faults[victim["id"]] >= 1                  # and counted
+    assert sum(b["faults"] for b in batches) >= 1
+    assert L.fault_log[0]["video"] == victim["id"] and "Invalid data" in L.fault_log[0]["error"]
+
+
+@pytest.mark.parametrize("kind", ["dali", "pyav"])
+def test_a_resumed_loader_continues_with_the_same_batches(one_object, kind):
+    L = loader(one_object, kind)
+    it = L.epoch(2)
+    next(it)
+    state = L.state_dict()
+    rest = list(it)
+    R = loader(one_object, kind)
+    R.load_state_dict(state)
+    again = list(R.epoch(2))
+    assert len(again) == len(rest) == len(L) - 1
+    for a, b in zip(rest, again):
+        for k in META:
+            assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a["video"], b["video"]) and torch.equal(a["audio"], b["audio"])
+
+
+def test_dali_parallel_source_workers_give_the_same_batches(one_object):
+    a = next(loader(one_object, "dali", "loader.workers=2").epoch(0))
+    b = next(loader(one_object, "dali").epoch(0))
+    assert torch.equal(a["video"], b["video"]) and torch.equal(a["audio"], b["audio"])
+
+
+def test_dali_cpu_refuses_h264(one_object, tmp_path):
+    cfg = build_config(overrides=BASE)
+    import json
+    rows = [json.loads(line) for line in (one_object / "manifest.jsonl").read_text().splitlines()]
+    shutil.copytree(one_object, tmp_path / "p")
+    (tmp_path / "p" / "manifest.jsonl").write_text(
+        "".join(json.dumps(dict(r, codec="h264")) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="VP8/VP9/MJPEG"):
+        make_loader(cfg, tmp_path / "p")
