@@ -11,26 +11,15 @@ bench/results/prepare.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from common import HERE, context, synthetic_input, write_rows
 
 
 def main() -> int:
@@ -48,20 +37,13 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results" / "prepare.jsonl"))
     args = ap.parse_args()
 
-    from fastavts.cli import _versions, machine_info
     from fastavts.config import build_config
     from fastavts.data.prepare import prepare
-    from fastavts.data.synth import synthesize
 
-    src = Path(args.cache) / f"{args.source_codec}_{args.videos}x{args.seconds:g}s"
-    scfg = build_config(overrides=[f"synth.videos={args.videos}", "synth.seed=123",
-                                   f"synth.codec={args.source_codec}",
-                                   f"synth.min_duration={args.seconds}",
-                                   f"synth.max_duration={args.seconds}"])
-    synthesize(src, scfg, progress=False)  # resumable: a cached set is reused
-    machine, versions = machine_info(), _versions()
-    print(f"machine: {machine}\nversions: {versions}\ninputs: {args.videos} x {args.seconds:g} s "
-          f"{args.source_codec} synthetic videos ({scfg.synth.width}x{scfg.synth.height})")
+    src = synthetic_input(args.cache, args.videos, args.seconds, args.source_codec)
+    ctx = context()
+    print(f"machine: {ctx['machine']}\nversions: {ctx['versions']}\ninputs: {args.videos} x "
+          f"{args.seconds:g} s {args.source_codec} synthetic videos (160x128)")
 
     rows = []
     for codec in args.codec[:1] if args.once else args.codec:
@@ -86,21 +68,16 @@ def main() -> int:
             videos_per_s_range=[round(args.videos / max(walls), 3),
                                 round(args.videos / min(walls), 3)],
             audio_hours_per_s=round(audio_h / med, 6),
-            machine=machine, versions=versions, git=git_sha(),
-            date=time.strftime("%Y-%m-%d %H:%M:%S"), device="cpu",
+            device="cpu", **ctx,
         )
         rows.append(row)
         print(f"prepare -> {codec:4s}: {row['videos_per_s']:.2f} videos/s "
               f"(range {row['videos_per_s_range'][0]:.2f}-{row['videos_per_s_range'][1]:.2f}), "
               f"{row['audio_hours_per_s'] * 3600:.1f} audio-s/s = "
               f"{row['audio_hours_per_s']:.4f} audio-hours/s, median of {len(walls)} "
-              f"({args.workers} workers, {machine['cpu_count']} cores)")
+              f"({args.workers} workers, {ctx['machine']['cpu_count']} cores)")
     if not args.once:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as fh:
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
-        print(f"rows appended to {args.out}")
+        write_rows(args.out, rows)
     return 0
 
 

@@ -168,6 +168,10 @@ class DALILoader(BaseLoader):
     def _stop(self) -> None:
         self._its = None  # pipelines and their workers go with the iterators
 
+    def close(self) -> None:
+        self._stop()
+        self._next = None
+
     def _batches(self, epoch: int, start: int) -> Iterator[dict]:
         if self._its is None or self._next != (epoch, start):
             self._start(epoch, start)

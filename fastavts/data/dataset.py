@@ -23,6 +23,9 @@ from .manifest import MANIFEST, REJECTED, read_jsonl
 class Dataset:
     def __init__(self, root: Path, videos: list[dict], rejected: list[dict]):
         self.root = root
+        # FFmpeg frame threads speed up one reader; loader workers, many in parallel, set this
+        # to False (threads in every worker only compete, and they outlive a killed worker).
+        self.codec_threads = True
         self.videos = videos
         self.rejected = rejected
         self.by_id = {v["id"]: v for v in videos}
@@ -77,7 +80,10 @@ class Dataset:
                 continue
             with av.open(str(self.root / seg["path"])) as c:
                 s = c.streams.video[0]
-                s.thread_type = "AUTO"
+                if self.codec_threads:
+                    s.thread_type = "AUTO"
+                else:
+                    s.codec_context.thread_count = 1
                 first = need[0] - lo
                 if first > 0:  # seek to the keyframe at or before the first wanted frame
                     c.seek(int(first / fps / s.time_base), stream=s, backward=True)

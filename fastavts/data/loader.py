@@ -76,6 +76,7 @@ class BaseLoader(ABC):
     def __init__(self, cfg: Config, root: str | Path, *, mode: str = "train", rank: int = 0,
                  world_size: int = 1, total_epochs: int = 1):
         self.cfg, self.root, self.mode = cfg, Path(root), mode
+        self.total_epochs = total_epochs
         self.dataset = Dataset.open(root)
         self.sampler = Sampler(self.dataset.videos, cfg.data, cfg.sampler, cfg.loader.batch_size,
                                mode=mode, rank=rank, world_size=world_size,
@@ -112,6 +113,15 @@ class BaseLoader(ABC):
     @abstractmethod
     def _batches(self, epoch: int, start: int) -> Iterator[dict]:
         """Decoded batches of `epoch` from batch `start` on (each loader its own way)."""
+
+    def close(self) -> None:
+        """Release worker processes and pipelines; a later epoch() starts them again."""
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def state_dict(self) -> dict:
         return dict(sampler=self.sampler.state_dict(), faults=dict(self.faults))

@@ -1,0 +1,119 @@
+"""Data pipeline throughput: clips/s of the DALI and PyAV loaders on a prepared set.
+
+    python bench/bench_data.py --device cpu --loader dali pyav --batch-size 16 --workers 2
+    python bench/bench_data.py --device gpu --loader dali pyav --batch-size 64 --workers 16
+
+Without --data it makes (once, cached) a synthetic set of 10-s videos and prepares it: VP9 for
+--device cpu (DALI's CPU decoder), H.264 for --device gpu (NVDEC). Each loader is warmed up
+for --warmup batches, then timed over --repeats windows of --batches batches; it prints the
+median and the spread (min-max) in clips/s, with peak host memory, the machine and versions,
+and appends one row per loader to bench/results/data.jsonl. On a GPU the clock stops after
+torch.cuda.synchronize(), so batches count only once they are on the device.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import HERE, context, peak_rss_mb, synthetic_input, write_rows
+
+
+def prepared_set(args) -> Path:
+    from fastavts.config import build_config
+    from fastavts.data.prepare import prepare
+
+    codec = "vp9" if args.device == "cpu" else "h264"
+    src = synthetic_input(args.cache, args.videos, args.seconds, codec)
+    out = Path(args.cache) / f"prepared_{codec}_{args.videos}x{args.seconds:g}s"
+    prepare(src, out, build_config(overrides=[f"prepare.codec={codec}"]), progress=False)
+    return out
+
+
+def run_one(kind: str, root: Path, args) -> dict:
+    import torch
+
+    from fastavts.config import build_config
+    from fastavts.data.loader import make_loader
+
+    cfg = build_config(overrides=[
+        f"loader.kind={kind}", f"loader.device={args.device}", f"loader.batch_size={args.batch_size}",
+        f"loader.workers={args.workers}", f"loader.threads={max(1, args.workers)}",
+        f"sampler.pairs={args.pairs}", f"sampler.clips_per_video={args.clips_per_video}"])
+    loader = make_loader(cfg, root, total_epochs=1000)
+    sync = torch.cuda.synchronize if args.device == "gpu" else (lambda: None)
+
+    def batches():
+        epoch = 0
+        while True:
+            yield from loader.epoch(epoch)
+            epoch += 1
+
+    it = batches()
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        next(it)
+    sync()
+    startup = time.perf_counter() - t0
+    rates = []
+    for _ in range(1 if args.once else args.repeats):
+        t = time.perf_counter()
+        clips = 0
+        for _ in range(args.batches):
+            clips += len(next(it)["clip_video"])
+        sync()
+        rates.append(clips / (time.perf_counter() - t))
+    loader.close()
+    return dict(loader=kind, clips_per_s_median=round(statistics.median(rates), 2),
+                clips_per_s_min=round(min(rates), 2), clips_per_s_max=round(max(rates), 2),
+                repeats=len(rates), warmup_s=round(startup, 2), faults=sum(loader.faults.values()),
+                peak_rss_mb=peak_rss_mb())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    ap.add_argument("--loader", nargs="+", choices=["dali", "pyav"], default=["dali", "pyav"])
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=os.cpu_count(),
+                    help="PyAV DataLoader workers; DALI source workers and CPU threads")
+    ap.add_argument("--pairs", choices=["paired", "inbatch"], default="paired")
+    ap.add_argument("--data", help="a prepared dataset (default: a cached synthetic one)")
+    ap.add_argument("--videos", type=int, default=48)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--clips-per-video", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=3, help="batches before timing")
+    ap.add_argument("--batches", type=int, default=8, help="batches per timed window")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--once", action="store_true",
+                    help="one window of the first loader only, nothing recorded (for profilers)")
+    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "fastavts_bench_src"))
+    ap.add_argument("--out", default=str(HERE / "results" / "data.jsonl"))
+    args = ap.parse_args()
+
+    root = Path(args.data) if args.data else prepared_set(args)
+    ctx = context()
+    print(f"machine: {ctx['machine']}\nversions: {ctx['versions']}\ndata: {root}")
+    rows = []
+    for kind in args.loader[:1] if args.once else args.loader:
+        r = run_one(kind, root, args)
+        r.update(bench="data", device=args.device, batch_size=args.batch_size,
+                 workers=args.workers, pairs=args.pairs, data=str(root), **ctx)
+        rows.append(r)
+        print(f"{kind:5s} on {args.device}: {r['clips_per_s_median']:.1f} clips/s (range "
+              f"{r['clips_per_s_min']:.1f}-{r['clips_per_s_max']:.1f}, {r['repeats']} x "
+              f"{args.batches} batches of {args.batch_size}), peak RSS {r['peak_rss_mb']} MB, "
+              f"{args.workers} workers")
+    if len(rows) == 2:
+        print(f"dali / pyav = {rows[0]['clips_per_s_median'] / rows[1]['clips_per_s_median']:.2f}")
+    if not args.once:
+        write_rows(args.out, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""What every benchmark shares: the machine and versions it ran on, a cached synthetic input
+set, and appending result rows to bench/results/*.jsonl."""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def context() -> dict:
+    """Machine, versions, git sha and date, for every row and for the printout."""
+    from fastavts.cli import _versions, machine_info
+
+    m = machine_info()
+    try:
+        import torch
+        if torch.cuda.is_available():
+            m["driver"] = _nvidia_driver()
+            m["cudnn"] = torch.backends.cudnn.version()
+    except ImportError:
+        pass
+    return dict(machine=m, versions=_versions(), git=git_sha(),
+                date=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              text=True, capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def peak_rss_mb() -> dict:
+    """Peak resident memory of this process and of its finished children, in MB."""
+    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return dict(self=round(self_kb / 1024, 1), children_max=round(kids_kb / 1024, 1))
+
+
+def synthetic_input(cache: str, videos: int, seconds: float, codec: str) -> Path:
+    """A cached synthetic set of `videos` x `seconds` s (generated once)."""
+    from fastavts.config import build_config
+    from fastavts.data.synth import synthesize
+
+    src = Path(cache) / f"{codec}_{videos}x{seconds:g}s"
+    cfg = build_config(overrides=[f"synth.videos={videos}", "synth.seed=123",
+                                  f"synth.codec={codec}", f"synth.min_duration={seconds}",
+                                  f"synth.max_duration={seconds}"])
+    synthesize(src, cfg, progress=False)
+    return src
+
+
+def write_rows(path: str | Path, rows: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    print(f"{len(rows)} row(s) appended to {path}")
