@@ -159,3 +159,14 @@ def test_dali_cpu_refuses_h264(one_object, tmp_path):
         "".join(json.dumps(dict(r, codec="h264")) + "\n" for r in rows))
     with pytest.raises(ValueError, match="VP8/VP9/MJPEG"):
         make_loader(cfg, tmp_path / "p")
+
+
+def test_ranks_from_the_torchrun_environment_get_disjoint_shards(one_object, monkeypatch):
+    seen = []
+    for r in range(2):
+        monkeypatch.setenv("RANK", str(r))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        L = loader(one_object, "pyav", "loader.batch_size=3")
+        assert (L.sampler.rank, L.sampler.world_size) == (r, 2)
+        seen.append(set(L.sampler.shard(0).tolist()))
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 12

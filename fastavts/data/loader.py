@@ -131,10 +131,28 @@ class BaseLoader(ABC):
         self.faults.update(state.get("faults", {}))
 
 
-def make_loader(cfg: Config, root: str | Path, *, mode: str = "train", rank: int = 0,
-                world_size: int = 1, total_epochs: int = 1, device: Optional[str] = None):
-    """The loader named by cfg.loader.kind."""
-    kw = dict(mode=mode, rank=rank, world_size=world_size, total_epochs=total_epochs)
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process: torch.distributed if initialised, else torchrun's
+    RANK / WORLD_SIZE variables, else (0, 1)."""
+    import os
+
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except ImportError:
+        pass
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def make_loader(cfg: Config, root: str | Path, *, mode: str = "train",
+                rank: Optional[int] = None, world_size: Optional[int] = None,
+                total_epochs: int = 1, device: Optional[str] = None):
+    """The loader named by cfg.loader.kind, for this rank's shard (one per rank: under
+    torchrun each process makes its own, and DALI runs on the GPU of LOCAL_RANK)."""
+    r, w = dist_rank_world()
+    kw = dict(mode=mode, rank=r if rank is None else rank,
+              world_size=w if world_size is None else world_size, total_epochs=total_epochs)
     if cfg.loader.kind == "pyav":
         from .pyav_loader import PyAVLoader
         return PyAVLoader(cfg, root, **kw)
