@@ -16,7 +16,7 @@ setup(
     python_requires=">=3.10",
     # `kernels/` is installed as `fastavts.kernels`: a top-level `kernels` would clash with an
     # existing PyPI package.
-    packages=["fastavts", "fastavts.data", "fastavts.kernels"],
+    packages=["fastavts", "fastavts.data", "fastavts.models", "fastavts.kernels"],
     package_dir={"fastavts.kernels": "kernels"},
     # Lower bounds of av, numpy, omegaconf and tqdm: the test suite passed on av 15.0.0,
     # numpy 1.26.4, omegaconf 2.3.0, tqdm 4.66.0 (and on the newest: av 18.1, numpy 2.4,
@@ -29,6 +29,7 @@ setup(
         "triton>=3.6",                 # the fused loss kernel; TRITON_INTERPRET=1 on CPU
         "omegaconf>=2.3,<2.5",         # typed configs: schemas, YAML, dotted overrides
         "tqdm>=4.66,<5",               # progress bars
+        "tensorboard>=2.14,<3",        # training scalars (torch.utils.tensorboard)
     ],
     extras_require={"test": ["pytest>=8,<10"]},
     entry_points={"console_scripts": ["fastavts=fastavts.cli:main"]},

@@ -100,6 +100,68 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import time
+
+    import torch
+
+    from .train import train
+
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides, args.config = [args.config, *args.overrides], None  # no CONFIG given
+    _split_overrides(args)
+    cfg = build_config(args.config, args.overrides)
+    demo = not cfg.train.data and not args.resume
+    if demo:  # the synthetic demo: a preset for this machine under the user's own settings
+        from .demo import prepare_demo_data, preset
+        cfg = build_config(args.config, args.overrides, base=preset(torch.cuda.is_available()))
+    out = Path(args.out or cfg.train.out or f"runs/{'demo-' if demo else ''}{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.resume:
+        if not (out / "checkpoints" / "last.pt").is_file():
+            raise ConfigError(f"--resume: no checkpoint at {out / 'checkpoints' / 'last.pt'}; "
+                              f"give the run directory with --out")
+        from .config import load_yaml
+        saved = load_yaml(out / "config.yaml")
+        cfg = build_config(None, args.overrides, extra=saved)
+    elif demo:
+        cfg = prepare_demo_data(cfg, progress=not args.quiet)
+    if not cfg.train.data:
+        raise ConfigError("train.data is empty: give a prepared dataset (train.data=DIR)")
+    t0 = time.perf_counter()
+    result = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    result.pop("losses", None)
+    result["command_wall_s"] = round(time.perf_counter() - t0, 1)
+    print(f"fastavts train: run directory {out}", file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_eval_sync(args) -> int:
+    import torch
+
+    from .evaluate import evaluate_sync
+    from .models.avts import AVTS
+
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    import yaml
+    cfg = build_config(None, args.overrides, extra=yaml.safe_load(state["config"]))
+    m = cfg.model
+    model = AVTS(m.video, m.audio, m.dim, m.normalize, classifier=cfg.loss.kind == "ce",
+                 tiny_width=m.tiny_width)
+    model.load_state_dict(state["model"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    if cfg.loader.device == "gpu" and not torch.cuda.is_available():
+        cfg.loader.device = "cpu"
+    r = evaluate_sync(model, cfg, args.dataset, device, clips_per_video=args.clips_per_video)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        for k, v in r.items():
+            print(f"{k:14s} {v}")
+    return 0
+
+
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -212,6 +274,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_common(p)
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train the audio and video nets (no data: the demo)",
+                       description="Train AVTS on a prepared set (train.data=DIR). With no data "
+                       "it runs the demo: makes the synthetic set if missing, prepares it, trains "
+                       "(tiny nets on a CPU, R(2+1)D-18 on a GPU) and evaluates sync on held-out "
+                       "videos. Ends with one JSON line of final metrics (also metrics.json).",
+                       epilog=EPILOG_OVERRIDES)
+    p.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="settings file (configs/)")
+    p.add_argument("--out", help="run directory (default runs/<date-time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its "
+                   "last checkpoint")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval-sync", help="sync accuracy and ROC AUC of a checkpoint on a dataset",
+                       description="Score fixed (clip, audio) pairs of a prepared dataset: "
+                       "positives, easy and hard negatives. The threshold is chosen on half of the "
+                       "videos (reported) and applied to the other half.")
+    p.add_argument("checkpoint", help="a checkpoint (runs/.../checkpoints/last.pt)")
+    p.add_argument("dataset", help="a prepared dataset")
+    p.add_argument("--clips-per-video", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.set_defaults(func=cmd_eval_sync)
 
     p = sub.add_parser("info", help="versions, machine, and a prepared dataset's summary",
                        description="Print library versions and the machine; with DATASET, a "

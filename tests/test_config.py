@@ -41,7 +41,7 @@ def test_unknown_key_names_key_allowed_values_and_suggestion(tmp_path):
     msg = refused(yaml_path=f)
     assert "synth.videoz" in msg and "bad.yaml" in msg and "videos" in msg
     msg = refused(overrides=["trian.batch_size=3"])
-    assert "trian" in msg and "data, synth, prepare, sampler, loader" in msg
+    assert "trian" in msg and "data, synth, prepare, sampler, loader, model, loss, train" in msg
 
 
 def test_wrong_type_names_key_and_type():

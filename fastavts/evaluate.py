@@ -1,0 +1,111 @@
+"""Sync evaluation: is this sound in sync with this clip?
+
+On a held-out prepared set the eval-mode sampler makes fixed (clip, window) pairs: half
+positives, the negatives half easy (another video) and half hard (same video, shifted by at
+least hard_min_shift). The model scores each pair (minus the embedding distance; the sync
+classifier's logit margin for loss.kind=ce). Videos are split in two halves by position in the
+manifest: the threshold is chosen on the validation half (best accuracy over all its pairs) and
+the reported accuracies and ROC AUCs come from the test half:
+
+  sync_acc_easy  accuracy over the test positives and easy negatives
+  sync_acc_hard  accuracy over the test positives and hard negatives
+  auc_easy / auc_hard  ROC AUC of positives against each kind (threshold-free)
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+
+import numpy as np
+
+from .data.sampler import EASY, HARD, POSITIVE
+
+
+def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties counting half (Mann-Whitney U)."""
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    allv = np.concatenate([pos, neg])
+    order = allv.argsort(kind="mergesort")
+    ranks = np.empty(len(allv))
+    sorted_v = allv[order]
+    i = 0
+    while i < len(allv):  # average ranks of ties
+        j = i
+        while j + 1 < len(allv) and sorted_v[j + 1] == sorted_v[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    u = ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
+    return float(u / (len(pos) * len(neg)))
+
+
+def best_threshold(scores: np.ndarray, positive: np.ndarray) -> float:
+    """The threshold (score >= t means in sync) with the best accuracy; midpoints between
+    neighbouring scores."""
+    s = np.sort(np.unique(scores))
+    cands = np.concatenate([[s[0] - 1], (s[:-1] + s[1:]) / 2, [s[-1] + 1]])
+    acc = [((scores >= t) == positive).mean() for t in cands]
+    return float(cands[int(np.argmax(acc))])
+
+
+def collect(model, loader, loss_kind: str, device, autocast) -> dict:
+    """Scores, kinds and video indices of every eval pair."""
+    import torch
+
+    from .losses import sync_scores
+
+    model.eval()
+    out = {"score": [], "kind": [], "video": []}
+    with torch.no_grad(), autocast():
+        for b in loader.epoch(0):
+            v, a, fv, fa = model(b["video"].to(device, non_blocking=True),
+                                 b["audio"].to(device, non_blocking=True))
+            out["score"].append(sync_scores(model, v, a, fv, fa, loss_kind).float().cpu().numpy())
+            out["kind"].append(b["kind"].numpy())
+            out["video"].append(b["clip_video"].numpy())
+    model.train()
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def sync_metrics(r: dict) -> dict:
+    val = r["video"] % 2 == 0
+    test = ~val
+    thr = best_threshold(r["score"][val], r["kind"][val] == POSITIVE)
+    pred = r["score"] >= thr
+
+    def acc(neg_kind):
+        m = test & ((r["kind"] == POSITIVE) | (r["kind"] == neg_kind))
+        return float((pred[m] == (r["kind"][m] == POSITIVE)).mean()) if m.any() else float("nan")
+
+    pos = r["score"][test & (r["kind"] == POSITIVE)]
+    return dict(
+        sync_acc_easy=round(acc(EASY), 4), sync_acc_hard=round(acc(HARD), 4),
+        auc_easy=round(roc_auc(pos, r["score"][test & (r["kind"] == EASY)]), 4),
+        auc_hard=round(roc_auc(pos, r["score"][test & (r["kind"] == HARD)]), 4),
+        threshold=round(thr, 5),
+        eval_pairs=dict(positive=int((test & (r["kind"] == POSITIVE)).sum()),
+                        easy=int((test & (r["kind"] == EASY)).sum()),
+                        hard=int((test & (r["kind"] == HARD)).sum()),
+                        validation=int(val.sum())))
+
+
+def eval_config(cfg, clips_per_video: int = 8):
+    """The training config turned into the fixed eval pairs described above."""
+    c = copy.deepcopy(cfg)
+    c.sampler.pairs, c.sampler.positive_share = "paired", 0.5
+    c.sampler.curriculum, c.sampler.curriculum_unit = [[0.0, 0.5]], "step"
+    c.sampler.superhard_share, c.sampler.clips_per_video = 0.0, clips_per_video
+    return c
+
+
+def evaluate_sync(model, cfg, root, device, autocast=nullcontext, clips_per_video: int = 8) -> dict:
+    from .data.loader import make_loader
+
+    c = eval_config(cfg, clips_per_video)
+    loader = make_loader(c, root, mode="eval", rank=0, world_size=1)
+    try:
+        r = collect(model, loader, cfg.loss.kind, device, autocast)
+    finally:
+        loader.close()
+    return sync_metrics(r)

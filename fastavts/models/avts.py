@@ -1,0 +1,60 @@
+"""The AVTS model: two towers, each ending in a projection to a `dim`-sized embedding.
+
+    clip  (B, 3, T, H, W) -> video tower -> (B, Cv) -> projection -> v (B, dim)
+    audio (M, 1, n_mels, F) -> audio tower -> (M, Ca) -> projection -> a (M, dim)
+
+With loss.kind=ce a sync classifier scores (clip features, audio features) pairs instead of
+distances (the paper's baseline). Embeddings are L2-normalised when model.normalize is set, so
+distances lie in [0, 2] and a margin of 1 means "farther than orthogonal".
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .audio import AUDIO_NETS
+from .video import VIDEO_NETS
+
+
+def projection(c_in: int, dim: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(c_in, c_in), nn.ReLU(inplace=True), nn.Linear(c_in, dim))
+
+
+class AVTS(nn.Module):
+    def __init__(self, video: str = "r2plus1d_18", audio: str = "default", dim: int = 128,
+                 normalize: bool = True, classifier: bool = False, tiny_width: int = 8):
+        super().__init__()
+        if video not in VIDEO_NETS:
+            raise ValueError(f"unknown video net {video!r}; choose one of {', '.join(VIDEO_NETS)}")
+        if audio not in AUDIO_NETS:
+            raise ValueError(f"unknown audio net {audio!r}; choose one of {', '.join(AUDIO_NETS)}")
+        widths = tuple(tiny_width * k for k in (1, 2, 4, 8))
+        self.video_net = VIDEO_NETS[video](widths=widths) if video == "tiny" else VIDEO_NETS[video]()
+        self.audio_net = AUDIO_NETS[audio](widths) if audio == "tiny" else AUDIO_NETS[audio]()
+        self.video_proj = projection(self.video_net.out_dim, dim)
+        self.audio_proj = projection(self.audio_net.out_dim, dim)
+        self.normalize = normalize
+        c = self.video_net.out_dim + self.audio_net.out_dim
+        self.classifier = nn.Sequential(nn.Linear(c, 512), nn.ReLU(inplace=True),
+                                        nn.Linear(512, 2)) if classifier else None
+
+    def embed_video(self, clip):
+        f = self.video_net(clip)
+        v = self.video_proj(f)
+        return (F.normalize(v.float(), dim=1) if self.normalize else v), f
+
+    def embed_audio(self, logmel):
+        f = self.audio_net(logmel)
+        a = self.audio_proj(f)
+        return (F.normalize(a.float(), dim=1) if self.normalize else a), f
+
+    def forward(self, clip, logmel):
+        """(v (B, dim), a (M, dim), clip features (B, Cv), audio features (M, Ca))."""
+        v, fv = self.embed_video(clip)
+        a, fa = self.embed_audio(logmel)
+        return v, a, fv, fa
+
+    def sync_logits(self, fv, fa):
+        """Paired (clip i, audio i) -> 2 logits (not in sync, in sync)."""
+        return self.classifier(torch.cat([fv, fa], dim=1))

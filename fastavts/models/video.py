@@ -1,0 +1,159 @@
+"""Video towers: R(2+1)D-18, MC3-18 and R3D-18 (Tran et al. 2018), and a narrow `tiny` one.
+
+The same definitions torchvision ships (models/video/resnet.py), written out here because
+torchvision does not import with the CPU build of torch: small blocks (Conv3DSimple,
+Conv2Plus1D, Conv3DNoTemporal) handed to one builder. With a 400-way classifier the parameter
+counts are R(2+1)D-18 31,505,325; MC3-18 11,695,440; R3D-18 33,371,472 (tested), and the
+state-dict keys match torchvision's, so its weights load as they are.
+
+Input (B, 3, T, H, W); output features (B, 512) (tiny: (B, widths[-1])).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class Conv3DSimple(nn.Conv3d):
+    """Full 3x3x3 convolution (R3D)."""
+
+    def __init__(self, in_planes: int, out_planes: int, midplanes=None, stride: int = 1):
+        super().__init__(in_planes, out_planes, kernel_size=3, stride=stride, padding=1,
+                         bias=False)
+
+    @staticmethod
+    def downsample_stride(stride: int):
+        return stride, stride, stride
+
+
+class Conv3DNoTemporal(nn.Conv3d):
+    """1x3x3 spatial-only convolution (the upper layers of MC3)."""
+
+    def __init__(self, in_planes: int, out_planes: int, midplanes=None, stride: int = 1):
+        super().__init__(in_planes, out_planes, kernel_size=(1, 3, 3), stride=(1, stride, stride),
+                         padding=(0, 1, 1), bias=False)
+
+    @staticmethod
+    def downsample_stride(stride: int):
+        return 1, stride, stride
+
+
+class Conv2Plus1D(nn.Sequential):
+    """A 3x3x3 convolution factored into 1x3x3 spatial and 3x1x1 temporal ones, with
+    `midplanes` chosen so the parameter count matches the full 3D convolution's."""
+
+    def __init__(self, in_planes: int, out_planes: int, midplanes: int, stride: int = 1):
+        super().__init__(
+            nn.Conv3d(in_planes, midplanes, kernel_size=(1, 3, 3), stride=(1, stride, stride),
+                      padding=(0, 1, 1), bias=False),
+            nn.BatchNorm3d(midplanes),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(midplanes, out_planes, kernel_size=(3, 1, 1), stride=(stride, 1, 1),
+                      padding=(1, 0, 0), bias=False))
+
+    @staticmethod
+    def downsample_stride(stride: int):
+        return stride, stride, stride
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, conv_builder, stride: int = 1,
+                 downsample: nn.Module | None = None):
+        super().__init__()
+        midplanes = (inplanes * planes * 27) // (inplanes * 9 + 3 * planes)
+        self.conv1 = nn.Sequential(conv_builder(inplanes, planes, midplanes, stride),
+                                   nn.BatchNorm3d(planes), nn.ReLU(inplace=True))
+        self.conv2 = nn.Sequential(conv_builder(planes, planes, midplanes),
+                                   nn.BatchNorm3d(planes))
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.conv2(self.conv1(x)) + identity)
+
+
+class BasicStem(nn.Sequential):
+    """3x7x7 convolution, spatial stride 2 (R3D, MC3)."""
+
+    def __init__(self, width: int = 64):
+        super().__init__(nn.Conv3d(3, width, kernel_size=(3, 7, 7), stride=(1, 2, 2),
+                                   padding=(1, 3, 3), bias=False),
+                         nn.BatchNorm3d(width), nn.ReLU(inplace=True))
+
+
+class R2Plus1dStem(nn.Sequential):
+    """1x7x7 spatial then 3x1x1 temporal convolution (R(2+1)D); 45 = the (2+1)D midplanes."""
+
+    def __init__(self, width: int = 64, mid: int = 45):
+        super().__init__(nn.Conv3d(3, mid, kernel_size=(1, 7, 7), stride=(1, 2, 2),
+                                   padding=(0, 3, 3), bias=False),
+                         nn.BatchNorm3d(mid), nn.ReLU(inplace=True),
+                         nn.Conv3d(mid, width, kernel_size=(3, 1, 1), stride=(1, 1, 1),
+                                   padding=(1, 0, 0), bias=False),
+                         nn.BatchNorm3d(width), nn.ReLU(inplace=True))
+
+
+class VideoResNet(nn.Module):
+    def __init__(self, stem: nn.Module, conv_makers: Sequence, layers: Sequence[int],
+                 widths: Sequence[int] = (64, 128, 256, 512), num_classes: int = 0):
+        super().__init__()
+        self.inplanes = widths[0]
+        self.stem = stem
+        for i, (maker, n, w) in enumerate(zip(conv_makers, layers, widths)):
+            setattr(self, f"layer{i + 1}", self._make_layer(maker, w, n, stride=1 if i == 0 else 2))
+        self.avgpool = nn.AdaptiveAvgPool3d((1, 1, 1))
+        self.out_dim = widths[-1]
+        self.fc = nn.Linear(widths[-1], num_classes) if num_classes else None
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm3d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, conv_builder, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes:
+            ds = conv_builder.downsample_stride(stride)
+            downsample = nn.Sequential(nn.Conv3d(self.inplanes, planes, kernel_size=1, stride=ds,
+                                                 bias=False), nn.BatchNorm3d(planes))
+        out = [BasicBlock(self.inplanes, planes, conv_builder, stride, downsample)]
+        self.inplanes = planes
+        out += [BasicBlock(planes, planes, conv_builder) for _ in range(1, blocks)]
+        return nn.Sequential(*out)
+
+    def forward(self, x):                         # (B, 3, T, H, W)
+        x = self.stem(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.avgpool(x).flatten(1)            # (B, C)
+        return self.fc(x) if self.fc is not None else x
+
+
+def r2plus1d_18(num_classes: int = 0) -> VideoResNet:
+    return VideoResNet(R2Plus1dStem(), [Conv2Plus1D] * 4, [2, 2, 2, 2], num_classes=num_classes)
+
+
+def mc3_18(num_classes: int = 0) -> VideoResNet:
+    return VideoResNet(BasicStem(), [Conv3DSimple] + [Conv3DNoTemporal] * 3, [2, 2, 2, 2],
+                       num_classes=num_classes)
+
+
+def r3d_18(num_classes: int = 0) -> VideoResNet:
+    return VideoResNet(BasicStem(), [Conv3DSimple] * 4, [2, 2, 2, 2], num_classes=num_classes)
+
+
+def tiny(num_classes: int = 0, widths: Sequence[int] = (8, 16, 32, 64)) -> VideoResNet:
+    """A narrow R(2+1)D for CPU runs: one block per stage."""
+    return VideoResNet(R2Plus1dStem(widths[0], mid=max(8, widths[0] * 45 // 64)),
+                       [Conv2Plus1D] * 4, [1, 1, 1, 1], widths=widths, num_classes=num_classes)
+
+
+VIDEO_NETS = {"r2plus1d_18": r2plus1d_18, "mc3_18": mc3_18, "r3d_18": r3d_18, "tiny": tiny}

@@ -1,0 +1,82 @@
+"""The trainer: exact resume, non-finite losses, a short convergence run, the CLI."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import small_cfg
+from fastavts.train import train
+
+FAST = ["data.crop=48", "data.clip_frames=8", "data.frame_stride=4", "model.video=tiny",
+        "model.audio=tiny", "loader.batch_size=4", "loader.workers=0", "loader.device=cpu",
+        "sampler.clips_per_video=2", "train.log_every=1", "train.ckpt_every=1000"]
+
+
+def cfg_for(prepared, *extra):
+    return small_cfg(*FAST, f"train.data={prepared}", *extra)
+
+
+@pytest.mark.parametrize("pairs", ["sampler.pairs=paired", "sampler.pairs=inbatch"])
+def test_resume_gives_the_losses_of_an_uninterrupted_run(prepared, tmp_path, pairs):
+    extra = [pairs, "train.epochs=3"] + (["loss.kind=infonce"] if "inbatch" in pairs else [])
+    full = train(cfg_for(prepared, *extra), tmp_path / "full", progress=False)["losses"]
+    assert len(full) == 9
+    first = train(cfg_for(prepared, *extra), tmp_path / "cut", progress=False,
+                  stop_after_steps=4)["losses"]
+    assert first == full[:4]
+    rest = train(cfg_for(prepared, *extra), tmp_path / "cut", resume=True, progress=False)["losses"]
+    print(full, first + rest)
+    assert rest == full[4:]  # bit for bit on the CPU
+
+
+def test_non_finite_losses_are_skipped_then_stop_with_a_checkpoint(prepared, tmp_path,
+                                                                   monkeypatch):
+    import fastavts.train as tr
+
+    real = tr.compute_loss
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] in (2,) or calls["n"] >= 4 else loss
+
+    monkeypatch.setattr(tr, "compute_loss", flaky)
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
+        train(cfg_for(prepared, "train.epochs=3", "train.max_nonfinite=3"), tmp_path,
+              progress=False)
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    assert state["step"] == 2  # calls 1 and 3 were steps; 2, 4, 5, 6 skipped
+
+
+def test_a_short_run_learns(prepared, tmp_path):
+    cfg = cfg_for(prepared, "train.epochs=12", "loss.kind=infonce", "sampler.pairs=inbatch",
+                  "train.lr=0.003", f"train.eval_data={prepared}")
+    r = train(cfg, tmp_path, progress=False)
+    losses = np.array(r["losses"])
+    print(losses[:5], losses[-5:], {k: r[k] for k in ("auc_easy", "auc_hard", "sync_acc_easy")})
+    assert losses[-6:].mean() < 0.8 * losses[:6].mean()
+    assert r["auc_easy"] > 0.6  # on its own training videos: above chance after 36 steps
+    for f in ("config.yaml", "metrics.json", "checkpoints/last.pt"):
+        assert (tmp_path / f).exists()
+    assert list((tmp_path / "tb").glob("events.*"))
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"sync_acc_easy", "sync_acc_hard", "clips_per_s", "wall_s"} <= saved.keys()
+
+
+def test_cli_trains_prints_one_json_line_and_evaluates_a_checkpoint(prepared, tmp_path):
+    cmd = [sys.executable, "-m", "fastavts", "train", "--out", str(tmp_path / "run"), "-q",
+           *FAST, f"train.data={prepared}", f"train.eval_data={prepared}", "train.epochs=1",
+           "prepare.short_side=64"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {"sync_acc_easy", "sync_acc_hard", "clips_per_s", "wall_s"} <= last.keys()
+    r = subprocess.run([sys.executable, "-m", "fastavts", "eval-sync",
+                        str(tmp_path / "run" / "checkpoints" / "last.pt"), str(prepared), "--json"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 0 <= json.loads(r.stdout.strip().splitlines()[-1])["auc_hard"] <= 1
