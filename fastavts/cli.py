@@ -147,7 +147,7 @@ def cmd_eval_sync(args) -> int:
     cfg = build_config(None, args.overrides, extra=yaml.safe_load(state["config"]))
     m = cfg.model
     model = AVTS(m.video, m.audio, m.dim, m.normalize, classifier=cfg.loss.kind == "ce",
-                 tiny_width=m.tiny_width)
+                 tiny_width=m.tiny_width, time_bins=m.time_bins)
     model.load_state_dict(state["model"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)

@@ -11,7 +11,7 @@ from torch import nn
 
 
 class AudioNet(nn.Module):
-    def __init__(self, widths: Sequence[int] = (64, 128, 256, 512)):
+    def __init__(self, widths: Sequence[int] = (64, 128, 256, 512), time_bins: int = 0):
         super().__init__()
         layers, c_in = [nn.BatchNorm2d(1)], 1   # the input BN puts dB values on a unit scale
         for i, c in enumerate(widths):
@@ -22,8 +22,9 @@ class AudioNet(nn.Module):
                 layers.append(nn.MaxPool2d(2))
             c_in = c
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.out_dim = widths[-1]
+        # time_bins > 0 keeps that many steps of time (averaging frequency only)
+        self.pool = nn.AdaptiveAvgPool2d((1, time_bins or 1))
+        self.out_dim = widths[-1] * max(1, time_bins)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -32,5 +33,5 @@ class AudioNet(nn.Module):
         return self.pool(self.features(x)).flatten(1)   # (B, C)
 
 
-AUDIO_NETS = {"default": lambda: AudioNet(),
-              "tiny": lambda widths=(8, 16, 32, 64): AudioNet(widths)}
+AUDIO_NETS = {"default": lambda time_bins=0: AudioNet(time_bins=time_bins),
+              "tiny": lambda widths=(8, 16, 32, 64), time_bins=0: AudioNet(widths, time_bins)}

@@ -23,15 +23,18 @@ def projection(c_in: int, dim: int) -> nn.Module:
 
 class AVTS(nn.Module):
     def __init__(self, video: str = "r2plus1d_18", audio: str = "default", dim: int = 128,
-                 normalize: bool = True, classifier: bool = False, tiny_width: int = 8):
+                 normalize: bool = True, classifier: bool = False, tiny_width: int = 8,
+                 time_bins: int = 0):
         super().__init__()
         if video not in VIDEO_NETS:
             raise ValueError(f"unknown video net {video!r}; choose one of {', '.join(VIDEO_NETS)}")
         if audio not in AUDIO_NETS:
             raise ValueError(f"unknown audio net {audio!r}; choose one of {', '.join(AUDIO_NETS)}")
         widths = tuple(tiny_width * k for k in (1, 2, 4, 8))
-        self.video_net = VIDEO_NETS[video](widths=widths) if video == "tiny" else VIDEO_NETS[video]()
-        self.audio_net = AUDIO_NETS[audio](widths) if audio == "tiny" else AUDIO_NETS[audio]()
+        self.video_net = (VIDEO_NETS[video](widths=widths, time_bins=time_bins) if video == "tiny"
+                          else VIDEO_NETS[video]())
+        self.audio_net = (AUDIO_NETS[audio](widths, time_bins=time_bins) if audio == "tiny"
+                          else AUDIO_NETS[audio](time_bins=time_bins))
         self.video_proj = projection(self.video_net.out_dim, dim)
         self.audio_proj = projection(self.audio_net.out_dim, dim)
         self.normalize = normalize

@@ -58,6 +58,19 @@ class Conv2Plus1D(nn.Sequential):
         return stride, stride, stride
 
 
+class Conv2Plus1DSpatialStride(Conv2Plus1D):
+    """(2+1)D convolution that downsamples in space only: the tiny net keeps every frame, so
+    the embedding can say when things happen (sync needs it)."""
+
+    def __init__(self, in_planes: int, out_planes: int, midplanes: int, stride: int = 1):
+        super().__init__(in_planes, out_planes, midplanes, stride)
+        self[3].stride = (1, 1, 1)
+
+    @staticmethod
+    def downsample_stride(stride: int):
+        return 1, stride, stride
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -100,14 +113,16 @@ class R2Plus1dStem(nn.Sequential):
 
 class VideoResNet(nn.Module):
     def __init__(self, stem: nn.Module, conv_makers: Sequence, layers: Sequence[int],
-                 widths: Sequence[int] = (64, 128, 256, 512), num_classes: int = 0):
+                 widths: Sequence[int] = (64, 128, 256, 512), num_classes: int = 0,
+                 time_bins: int = 0):
         super().__init__()
         self.inplanes = widths[0]
         self.stem = stem
         for i, (maker, n, w) in enumerate(zip(conv_makers, layers, widths)):
             setattr(self, f"layer{i + 1}", self._make_layer(maker, w, n, stride=1 if i == 0 else 2))
-        self.avgpool = nn.AdaptiveAvgPool3d((1, 1, 1))
-        self.out_dim = widths[-1]
+        # time_bins > 0 keeps that many steps of time (averaging space only) in the features
+        self.avgpool = nn.AdaptiveAvgPool3d((time_bins or 1, 1, 1))
+        self.out_dim = widths[-1] * max(1, time_bins)
         self.fc = nn.Linear(widths[-1], num_classes) if num_classes else None
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
@@ -150,10 +165,12 @@ def r3d_18(num_classes: int = 0) -> VideoResNet:
     return VideoResNet(BasicStem(), [Conv3DSimple] * 4, [2, 2, 2, 2], num_classes=num_classes)
 
 
-def tiny(num_classes: int = 0, widths: Sequence[int] = (8, 16, 32, 64)) -> VideoResNet:
-    """A narrow R(2+1)D for CPU runs: one block per stage."""
+def tiny(num_classes: int = 0, widths: Sequence[int] = (8, 16, 32, 64),
+         time_bins: int = 0) -> VideoResNet:
+    """A narrow R(2+1)D for CPU runs: one block per stage, strided in space only."""
     return VideoResNet(R2Plus1dStem(widths[0], mid=max(8, widths[0] * 45 // 64)),
-                       [Conv2Plus1D] * 4, [1, 1, 1, 1], widths=widths, num_classes=num_classes)
+                       [Conv2Plus1DSpatialStride] * 4, [1, 1, 1, 1], widths=widths,
+                       num_classes=num_classes, time_bins=time_bins)
 
 
 VIDEO_NETS = {"r2plus1d_18": r2plus1d_18, "mc3_18": mc3_18, "r3d_18": r3d_18, "tiny": tiny}
