@@ -43,7 +43,7 @@ def main() -> int:
     src = synthetic_input(args.cache, args.videos, args.seconds, args.source_codec)
     ctx = context()
     print(f"machine: {ctx['machine']}\nversions: {ctx['versions']}\ninputs: {args.videos} x "
-          f"{args.seconds:g} s {args.source_codec} synthetic videos (160x128)")
+          f"{args.seconds:g} s {args.source_codec} synthetic videos")
 
     rows = []
     for codec in args.codec[:1] if args.once else args.codec:

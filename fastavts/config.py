@@ -80,7 +80,8 @@ class SynthConfig:
     codec: str = _f("vp9", "vp9: webm VP9+Opus (DALI decodes it on the CPU); "
                     "h264: mp4 H.264+AAC (GPU decoding)", choices=("vp9", "h264"))
     fps: float = _f(25.0, "frame rate of the generated videos", min=1, max=120)
-    width: int = _f(160, "frame width in pixels (even)", min=32, max=1920)
+    width: int = _f(128, "frame width in pixels (even); square frames keep every sounding "
+                    "object inside a square training crop", min=32, max=1920)
     height: int = _f(128, "frame height in pixels (even)", min=32, max=1080)
     min_duration: float = _f(4.0, "shortest video in seconds", min=0.5)
     max_duration: float = _f(12.0, "longest video in seconds", min=0.5)

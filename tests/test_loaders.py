@@ -21,7 +21,7 @@ BASE = ["loader.device=cpu", "loader.workers=0", "loader.batch_size=6",
 
 @pytest.fixture(scope="module")
 def one_object(tmp_path_factory):
-    """6 videos of 6-8 s, one sounding object each, 160x128, prepared at short side 128."""
+    """6 videos of 6-8 s, one sounding object each, 128x128, prepared at short side 128."""
     root = tmp_path_factory.mktemp("loaders")
     cfg = build_config(overrides=BASE + [
         "synth.videos=6", "synth.min_duration=6", "synth.max_duration=8",
