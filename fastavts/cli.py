@@ -140,17 +140,15 @@ def cmd_eval_sync(args) -> int:
     import torch
 
     from .evaluate import evaluate_sync
-    from .models.avts import AVTS
+    from .offset import load_model
 
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    import yaml
-    cfg = build_config(None, args.overrides, extra=yaml.safe_load(state["config"]))
-    m = cfg.model
-    model = AVTS(m.video, m.audio, m.dim, m.normalize, classifier=cfg.loss.kind == "ce",
-                 tiny_width=m.tiny_width, time_bins=m.time_bins)
-    model.load_state_dict(state["model"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    model, cfg = load_model(args.checkpoint, device)
+    if args.overrides:
+        _split_overrides(args)
+        from .config import to_yaml
+        import yaml
+        cfg = build_config(None, args.overrides, extra=yaml.safe_load(to_yaml(cfg)))
     if cfg.loader.device == "gpu" and not torch.cuda.is_available():
         cfg.loader.device = "cpu"
     r = evaluate_sync(model, cfg, args.dataset, device, clips_per_video=args.clips_per_video)
@@ -159,6 +157,23 @@ def cmd_eval_sync(args) -> int:
     else:
         for k, v in r.items():
             print(f"{k:14s} {v}")
+    return 0
+
+
+def cmd_offset(args) -> int:
+    from .offset import detect_offsets
+
+    rows = detect_offsets(args.checkpoint, args.videos, max_shift=args.max_shift,
+                          clips=args.clips, workers=args.workers)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            if "error" in r:
+                print(f"{r['file']}: {r['error']}")
+            else:
+                print(f"{r['file']}: offset {r['offset_frames']:+d} frames ({r['offset_s']:+.3f} s), "
+                      f"confidence {r['confidence']:.4f} over {r['clips']} clips")
     return 0
 
 
@@ -299,6 +314,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=cmd_eval_sync)
+
+    p = sub.add_parser("offset", help="find how far the sound is from the picture in videos",
+                       description="For each video (any container and codec prepare accepts), "
+                       "score audio shifts of -N..+N frames against several clips and report the "
+                       "offset (positive: the audio lags the picture) and a confidence (median "
+                       "distance minus minimum, as SyncNet).")
+    p.add_argument("checkpoint", help="a checkpoint (runs/.../checkpoints/last.pt)")
+    p.add_argument("videos", nargs="+", help="video files")
+    p.add_argument("--max-shift", type=int, default=15, help="largest shift tried, in frames")
+    p.add_argument("--clips", type=int, default=8, help="clips per video")
+    p.add_argument("--workers", type=int, default=0, help="prepare processes (0: one per core)")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(func=cmd_offset)
 
     p = sub.add_parser("info", help="versions, machine, and a prepared dataset's summary",
                        description="Print library versions and the machine; with DATASET, a "

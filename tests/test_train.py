@@ -67,7 +67,8 @@ def test_a_short_run_learns(prepared, tmp_path):
     assert {"sync_acc_easy", "sync_acc_hard", "clips_per_s", "wall_s"} <= saved.keys()
 
 
-def test_cli_trains_prints_one_json_line_and_evaluates_a_checkpoint(prepared, tmp_path):
+def test_cli_trains_prints_one_json_line_and_evaluates_a_checkpoint(prepared, synth_dir,
+                                                                      tmp_path):
     cmd = [sys.executable, "-m", "fastavts", "train", "--out", str(tmp_path / "run"), "-q",
            *FAST, f"train.data={prepared}", f"train.eval_data={prepared}", "train.epochs=1",
            "prepare.short_side=64"]
@@ -80,3 +81,16 @@ def test_cli_trains_prints_one_json_line_and_evaluates_a_checkpoint(prepared, tm
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert 0 <= json.loads(r.stdout.strip().splitlines()[-1])["auc_hard"] <= 1
+    # offset detection on raw files (any container prepare reads), JSON fields as documented
+    files = [str(p) for p in sorted(synth_dir.glob("*.webm"))[:2]]
+    r = subprocess.run([sys.executable, "-m", "fastavts", "offset",
+                        str(tmp_path / "run" / "checkpoints" / "last.pt"), *files,
+                        str(tmp_path / "missing.mp4"), "--max-shift", "3", "--clips", "2",
+                        "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [x["file"] for x in rows[:2]] == files
+    for x in rows[:2]:
+        assert {"offset_frames", "offset_s", "confidence"} <= x.keys()
+        assert -3 <= x["offset_frames"] <= 3 and x["offset_s"] == x["offset_frames"] / 25
+    assert "file not found" in rows[2]["error"]
