@@ -22,7 +22,7 @@ CPU_PRESET = [
     "prepare.codec=vp9", "model.video=tiny", "model.audio=tiny", "model.time_bins=4",
     "loss.kind=infonce", "sampler.pairs=inbatch", "sampler.k=1", "sampler.clips_per_video=2",
     "loader.batch_size=32", "loader.workers=1", "loader.threads=1", "train.lr=0.003",
-    "train.epochs=100",
+    "train.epochs=130",
 ]
 GPU_PRESET = [
     "prepare.codec=h264", "model.video=r2plus1d_18", "model.audio=default",
