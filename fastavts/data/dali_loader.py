@@ -198,11 +198,8 @@ class DALILoader(BaseLoader):
         self._next = (epoch + 1, 0)
 
     def _on_decode_error(self, epoch: int, batch: int, err: Exception) -> None:
-        from .dataset import Dataset
-
         plan = planned(self.sampler, epoch, batch, self.exclude)
-        ds = Dataset.open(self.root) if not hasattr(self, "_probe_ds") else self._probe_ds
-        self._probe_ds = ds
+        ds = self.dataset  # the PyAV reader of the same prepared set
         d = self.cfg.data
         bad = {}
         for i, vi in enumerate(plan["clip_video"]):
