@@ -180,8 +180,9 @@ class ModelConfig:
 class LossConfig:
     kind: str = _f("contrastive", "contrastive (AVTS), ce (sync classifier, paired pairs only) "
                    "or infonce", choices=("contrastive", "ce", "infonce"))
-    impl: str = _f("reference", "loss implementation (the fused Triton kernel comes with its "
-                   "own issue)", choices=("reference",))
+    impl: str = _f("auto", "contrastive loss implementation: triton (the fused kernel, CUDA or "
+                   "TRITON_INTERPRET=1), reference (plain PyTorch), auto = triton on a GPU",
+                   choices=("auto", "triton", "reference"))
     margin: float = _f(1.0, "contrastive margin on the distance", min=0.0)
     temperature: float = _f(0.1, "InfoNCE temperature", min=1e-4)
     sync_tol: float = _f(0.02, "inbatch: a window this close to the clip's start is aligned",
@@ -422,6 +423,9 @@ def validate(cfg: Config) -> None:
     if cfg.loss.kind == "ce" and sm.pairs != "paired":
         raise ConfigError("loss.kind=ce scores (clip, audio) pairs one by one: it needs "
                           "sampler.pairs=paired; use contrastive or infonce with inbatch.")
+    if cfg.loss.impl == "triton" and cfg.loss.kind != "contrastive":
+        raise ConfigError(f"loss.impl=triton: the fused kernel computes loss.kind=contrastive; "
+                          f"loss.kind={cfg.loss.kind} has the reference only (use impl=auto).")
     if not all(isinstance(e, str) and e.startswith(".") for e in p.extensions):
         raise ConfigError(f"prepare.extensions must be a list like ['.mp4', '.webm'], "
                           f"got {list(p.extensions)}.")

@@ -1,4 +1,5 @@
-"""AVTS losses, plain PyTorch references (the fused Triton kernel plugs in behind loss.impl).
+"""AVTS losses. The contrastive loss (reference and fused Triton kernel, switched by `impl`)
+lives in kernels/contrastive.py (fastavts.kernels.contrastive) and is re-exported here.
 
 d(i, j) = ||v_i - a_j||_2. Kind of the pair (clip i, audio window j), from ids and start times:
   positive  same video, |clip_t0 - audio_t0| <= sync_tol
@@ -19,59 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-POS, EASY, HARD, IGNORED = 0, 1, 2, 3
-
-
-def pair_kinds(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift: float = 0.5,
-               sync_tol: float = 0.02):
-    """(B, M) int8 kinds of all clip-audio pairs."""
-    same = clip_video[:, None] == audio_video[None, :]
-    gap = (clip_t0[:, None].double() - audio_t0[None, :].double()).abs()
-    kinds = torch.full(same.shape, EASY, dtype=torch.int8, device=same.device)
-    kinds[same & (gap <= sync_tol)] = POS
-    kinds[same & (gap > sync_tol) & (gap < hard_min_shift)] = IGNORED
-    kinds[same & (gap >= hard_min_shift)] = HARD
-    return kinds
-
-
-def _weighted_mean(values, mask):
-    n = mask.sum()
-    return (values * mask).sum() / n.clamp_min(1), n > 0
-
-
-def contrastive_terms(d, kinds, margin: float, hard_share: float):
-    """The contrastive loss from distances d and kinds of the same shape."""
-    d2 = d.pow(2)
-    neg = F.relu(margin - d).pow(2)
-    pos, has_pos = _weighted_mean(d2, kinds == POS)
-    easy, has_easy = _weighted_mean(neg, kinds == EASY)
-    hard, has_hard = _weighted_mean(neg, kinds == HARD)
-    w_easy = (1 - hard_share) * has_easy
-    w_hard = hard_share * has_hard
-    if not (has_easy or has_hard):
-        return pos if has_pos else d.sum() * 0
-    if w_easy + w_hard == 0:  # the only negatives present have weight 0: give them the half
-        w_easy, w_hard = has_easy.float(), has_hard.float()
-    negative = (w_easy * easy + w_hard * hard) / (w_easy + w_hard)
-    if not has_pos:
-        return negative
-    return 0.5 * pos + 0.5 * negative
-
-
-def inbatch_contrastive_loss(v, a, clip_video, clip_t0, audio_video, audio_t0, *,
-                             margin: float = 1.0, hard_share: float = 0.25,
-                             hard_min_shift: float = 0.5, sync_tol: float = 0.02):
-    """All B x M pairs (materialises the matrix: the reference the fused kernel must match)."""
-    d = torch.cdist(v.float(), a.float())                       # (B, M)
-    kinds = pair_kinds(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift, sync_tol)
-    return contrastive_terms(d, kinds, margin, hard_share)
-
-
-def paired_contrastive_loss(v, a, y, *, margin: float = 1.0):
-    """Pair i = (v_i, a_i) with label y_i: 0.5 mean_{y=1} d^2 + 0.5 mean_{y=0} relu(m - d)^2."""
-    d = (v.float() - a.float()).norm(dim=1)
-    kinds = torch.where(y.bool(), POS, EASY).to(torch.int8)
-    return contrastive_terms(d, kinds, margin, hard_share=0.0)
+from .kernels.contrastive import (EASY, HARD, IGNORED, POS, contrastive_terms,  # noqa: F401
+                                 inbatch_contrastive_loss, pair_kinds, paired_contrastive_loss)
 
 
 def infonce_loss(v, a, kinds, temperature: float = 0.1):

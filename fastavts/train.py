@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config, save_config, to_yaml
+from .config import Config, ConfigError, save_config, to_yaml
 from .data.loader import make_loader
 from .losses import (inbatch_contrastive_loss, infonce_loss, pair_kinds,
                      paired_contrastive_loss, sync_ce_loss)
@@ -45,6 +45,14 @@ def resolve_auto(cfg: Config, cuda: bool) -> Config:
         cfg.train.precision = "bf16" if cuda else "fp32"
     if cfg.loader.device == "auto":
         cfg.loader.device = "gpu" if cuda else "cpu"
+    if cfg.loss.impl == "auto":
+        cfg.loss.impl = "triton" if cuda and cfg.loss.kind == "contrastive" else "reference"
+    elif cfg.loss.impl == "triton" and not cuda:
+        from .kernels.contrastive import INTERPRET
+        if not INTERPRET:
+            raise ConfigError("loss.impl=triton needs a CUDA GPU (or TRITON_INTERPRET=1 set "
+                              "before starting, to run the kernel in Triton's slow interpreter); "
+                              "use loss.impl=auto or reference on this machine.")
     return cfg
 
 
@@ -59,11 +67,13 @@ def compute_loss(model, cfg: Config, batch: dict, v, a, fv, fa):
                            sm.hard_min_shift, lk.sync_tol)
         return infonce_loss(v, a, kinds, lk.temperature)
     if sm.pairs == "paired":
-        return paired_contrastive_loss(v, a, batch["label"].to(dev), margin=lk.margin)
+        return paired_contrastive_loss(v, a, batch["label"].to(dev), margin=lk.margin,
+                                       impl=lk.impl)
     return inbatch_contrastive_loss(
         v, a, batch["clip_video"].to(dev), batch["clip_t0"].to(dev),
         batch["audio_video"].to(dev), batch["audio_t0"].to(dev), margin=lk.margin,
-        hard_share=batch["hard_share"], hard_min_shift=sm.hard_min_shift, sync_tol=lk.sync_tol)
+        hard_share=batch["hard_share"], hard_min_shift=sm.hard_min_shift, sync_tol=lk.sync_tol,
+        impl=lk.impl)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:

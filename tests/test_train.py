@@ -94,3 +94,33 @@ def test_cli_trains_prints_one_json_line_and_evaluates_a_checkpoint(prepared, sy
         assert {"offset_frames", "offset_s", "confidence"} <= x.keys()
         assert -3 <= x["offset_frames"] <= 3 and x["offset_s"] == x["offset_frames"] / 25
     assert "file not found" in rows[2]["error"]
+
+
+@pytest.mark.parametrize("pairs", ["paired", "inbatch"])
+def test_the_fused_kernel_trains_like_the_reference(prepared, tmp_path, pairs):
+    """loss.impl=triton (the interpreter here, the GPU there) gives the reference's losses."""
+    extra = [f"sampler.pairs={pairs}", "loss.kind=contrastive", "train.epochs=2"]
+    ref = train(cfg_for(prepared, *extra, "loss.impl=reference"), tmp_path / "ref",
+                progress=False)["losses"]
+    tri = train(cfg_for(prepared, *extra, "loss.impl=triton"), tmp_path / "tri",
+                progress=False)["losses"]
+    print(ref, tri)
+    assert len(ref) == len(tri) == 6
+    # the first step's loss agrees to fp32 rounding; Adam then amplifies gradient differences
+    # of 1e-7 in near-zero components, so later steps drift apart slowly (0.2 % by step 6)
+    assert tri[0] == pytest.approx(ref[0], rel=1e-5)
+    assert np.allclose(tri, ref, rtol=1e-2)
+
+
+def test_impl_triton_refused_without_gpu_or_interpreter(prepared, tmp_path, monkeypatch):
+    from fastavts.config import ConfigError
+    from fastavts.kernels import contrastive
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    monkeypatch.setattr(contrastive, "INTERPRET", False)
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        train(cfg_for(prepared, "loss.kind=contrastive", "loss.impl=triton"), tmp_path,
+              progress=False)
+    with pytest.raises(ConfigError, match="fused kernel computes loss.kind=contrastive"):
+        cfg_for(prepared, "loss.kind=infonce", "loss.impl=triton")

@@ -1,0 +1,635 @@
+"""The AVTS contrastive loss, fused: reference, Triton kernels, launchers and autograd.
+
+    inbatch_contrastive_loss(v, a, clip_video, clip_t0, audio_video, audio_t0, *, margin=1.0,
+                             hard_share=0.25, hard_min_shift=0.5, sync_tol=0.02, impl="auto")
+    paired_contrastive_loss(v, a, y, *, margin=1.0, impl="auto")
+
+v (B, D) clip embeddings and a (M, D) audio embeddings (fp32, fp16 or bf16; accumulation in
+fp32); d(i, j) = ||v_i - a_j||. The kind of pair (i, j) comes from the ids and start times:
+positive (same video, |clip_t0 - audio_t0| <= sync_tol), hard (same video, gap >= hard_min_shift,
+which wins if the two ranges overlap), ignored (same video, in between), easy (other video).
+The gap is taken in float64 from the float32 times in both implementations, so ties at the
+boundaries fall the same way.
+
+    loss = 0.5 * mean_pos(d^2)
+         + 0.5 * ((1 - h) * mean_easy(relu(m - d)^2) + h * mean_hard(relu(m - d)^2))
+
+A kind without pairs drops out and the weights left in its half are renormalised (only hard
+negatives and h = 0, or only easy ones and h = 1: they get the whole half); without negatives
+the loss is mean_pos(d^2), without anything it is 0.
+
+How the kernel avoids the B x M matrix. The loss is linear in three sums and three counts:
+loss = c_pos * S_pos + c_easy * S_easy + c_hard * S_hard, the c's depending only on the counts.
+Forward: each program takes a (BLOCK_B x BLOCK_M) tile at a time, d^2 = |v|^2 + |a|^2 - 2 v.a
+from a tiled matrix product over D, kinds from the four small vectors, and writes its six
+partial sums; torch adds them in float64 (deterministic) and forms the loss and the c's.
+Backward: with w_ij = dloss/d(d_ij^2) (c_pos for positives, -c_kind * relu(m - d)/d for
+negatives, 0 at d = 0 as torch.cdist does), dV_i = 2 g (sum_j w_ij) v_i - 2 g (W A)_i and
+dA_j = 2 g (sum_i w_ij) a_j - 2 g (W^T V)_j: one kernel, called with the roles of V and A
+swapped, recomputes the distance tiles and accumulates the row sums and W @ A tile by tile.
+The M (or B) axis can be split over several programs whose fp32 partial gradients torch sums.
+Extra memory: O((B + M) * D) for the split partials, O(B + M) otherwise.
+
+Precision: fp16/bf16 distance products run on the inputs' own tensor-core path (exact products,
+fp32 accumulation); fp32 uses 3xTF32 (about fp32 accuracy). The gradient products use TF32
+on fp32 copies (the weights w span too wide a range for fp16).
+
+Registered as torch.library custom ops (fastavts::contrastive_fwd / _bwd and the paired pair),
+so torch.compile keeps them in its graph.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:  # triton is a dependency, but the reference must work where it cannot be imported
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+POS, EASY, HARD, IGNORED = 0, 1, 2, 3
+IMPLS = ("auto", "triton", "reference")
+
+
+# --------------------------------------------------------------------------------------------
+# Reference (plain PyTorch, materialises the B x M matrix)
+
+def pair_kinds(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift: float = 0.5,
+               sync_tol: float = 0.02):
+    """(B, M) int8 kinds of all clip-audio pairs."""
+    same = clip_video[:, None] == audio_video[None, :]
+    gap = (clip_t0[:, None].double() - audio_t0[None, :].double()).abs()
+    kinds = torch.full(same.shape, EASY, dtype=torch.int8, device=same.device)
+    kinds[same & (gap <= sync_tol)] = POS
+    kinds[same & (gap > sync_tol) & (gap < hard_min_shift)] = IGNORED
+    kinds[same & (gap >= hard_min_shift)] = HARD
+    return kinds
+
+
+def _weighted_mean(values, mask):
+    n = mask.sum()
+    return (values * mask).sum() / n.clamp_min(1), n > 0
+
+
+def contrastive_terms(d, kinds, margin: float, hard_share: float):
+    """The contrastive loss from distances d and kinds of the same shape."""
+    d2 = d.pow(2)
+    neg = F.relu(margin - d).pow(2)
+    pos, has_pos = _weighted_mean(d2, kinds == POS)
+    easy, has_easy = _weighted_mean(neg, kinds == EASY)
+    hard, has_hard = _weighted_mean(neg, kinds == HARD)
+    w_easy = (1 - hard_share) * has_easy
+    w_hard = hard_share * has_hard
+    if not (has_easy or has_hard):
+        return pos if has_pos else d.sum() * 0
+    if w_easy + w_hard == 0:  # the only negatives present have weight 0: give them the half
+        w_easy, w_hard = has_easy.float(), has_hard.float()
+    negative = (w_easy * easy + w_hard * hard) / (w_easy + w_hard)
+    if not has_pos:
+        return negative
+    return 0.5 * pos + 0.5 * negative
+
+
+def inbatch_reference(v, a, clip_video, clip_t0, audio_video, audio_t0, *, margin=1.0,
+                      hard_share=0.25, hard_min_shift=0.5, sync_tol=0.02):
+    """All B x M pairs, computed in fp32 (float64 for float64 inputs)."""
+    dt = torch.float64 if v.dtype == torch.float64 else torch.float32
+    d = torch.cdist(v.to(dt), a.to(dt))                       # (B, M)
+    kinds = pair_kinds(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift, sync_tol)
+    return contrastive_terms(d, kinds, margin, hard_share)
+
+
+def paired_reference(v, a, y, *, margin=1.0):
+    dt = torch.float64 if v.dtype == torch.float64 else torch.float32
+    d = (v.to(dt) - a.to(dt)).norm(dim=1)
+    kinds = torch.where(y.bool(), POS, EASY).to(torch.int8)
+    return contrastive_terms(d, kinds, margin, hard_share=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The loss from the sums: loss = sum_k c_k S_k (device-side, no host sync)
+
+def coefficients(counts, hard_share: float):
+    """(3,) float64 counts (pos, easy, hard) -> (3,) float64 c's of the rule above."""
+    n_pos, n_easy, n_hard = counts.unbind()
+    has_pos, has_easy, has_hard = n_pos > 0, n_easy > 0, n_hard > 0
+    w_easy = (1 - hard_share) * has_easy.double()
+    w_hard = hard_share * has_hard.double()
+    zero = (w_easy + w_hard) == 0
+    w_easy = torch.where(zero, has_easy.double(), w_easy)
+    w_hard = torch.where(zero, has_hard.double(), w_hard)
+    wsum = (w_easy + w_hard).clamp_min(1e-300)
+    has_neg = has_easy | has_hard
+    c_pos = torch.where(has_pos, 1 / n_pos.clamp_min(1), 0.0)
+    c_easy = torch.where(has_neg, w_easy / (wsum * n_easy.clamp_min(1)), 0.0)
+    c_hard = torch.where(has_neg, w_hard / (wsum * n_hard.clamp_min(1)), 0.0)
+    half = torch.where(has_pos & has_neg, 0.5, 1.0)
+    return torch.stack([c_pos, c_easy, c_hard]) * half
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+
+if triton is not None:
+
+    def _configs(fwd: bool):
+        if INTERPRET:  # the interpreter runs one config, with large tiles (fewer Python steps)
+            return [triton.Config({"BLOCK_B": 64, "BLOCK_M": 64, "BLOCK_K": 128}
+                                  | ({} if fwd else {"BLOCK_DO": 512}), num_warps=4)]
+        out = []
+        for bb, bm, bk, w, s in ((64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 3),
+                                 (128, 128, 32, 8, 3), (128, 128, 64, 8, 2), (32, 64, 64, 4, 4)):
+            if fwd:
+                out.append(triton.Config({"BLOCK_B": bb, "BLOCK_M": bm, "BLOCK_K": bk},
+                                         num_warps=w, num_stages=s))
+            else:
+                for bdo in (64, 128, 256):
+                    if bb * bdo <= 16384:       # the fp32 accumulator stays in registers
+                        out.append(triton.Config({"BLOCK_B": bb, "BLOCK_M": bm, "BLOCK_K": bk,
+                                                  "BLOCK_DO": bdo}, num_warps=w, num_stages=s))
+        return out
+
+    def _prune(configs, named_args, **kwargs):
+        """Output-D tiles no wider than D needs (the smallest that covers it, at least)."""
+        if INTERPRET:
+            return configs
+        need = max(16, triton.next_power_of_2(named_args["D"]))
+        kept = [c for c in configs if c.kwargs.get("BLOCK_DO", 0) <= need]
+        return kept or configs
+
+    @triton.jit
+    def _dist_tile(X, Y, XN, YN, rb, rm, mb, mm, D, sxb, sxd, syb, syd,
+                   BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PRECISION: tl.constexpr):
+        """Squared distances of a (BLOCK_B, BLOCK_M) tile, fp32, clamped at 0."""
+        dot = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            mk = rk < D
+            x = tl.load(X + rb[:, None] * sxb + rk[None, :] * sxd, mask=mb[:, None] & mk[None, :],
+                        other=0.0)
+            y = tl.load(Y + rm[:, None] * syb + rk[None, :] * syd, mask=mm[:, None] & mk[None, :],
+                        other=0.0)
+            dot = tl.dot(x, tl.trans(y), dot, input_precision=PRECISION)
+        xn = tl.load(XN + rb, mask=mb, other=0.0)
+        yn = tl.load(YN + rm, mask=mm, other=0.0)
+        return tl.maximum(xn[:, None] + yn[None, :] - 2.0 * dot, 0.0)
+
+    @triton.jit
+    def _kinds_tile(XV, XT, YV, YT, LIM, rb, rm, mb, mm):
+        """(pos, easy, hard) masks of a tile; the gap in float64 like the reference."""
+        xv = tl.load(XV + rb, mask=mb, other=0)
+        yv = tl.load(YV + rm, mask=mm, other=0)
+        xt = tl.load(XT + rb, mask=mb, other=0.0).to(tl.float64)
+        yt = tl.load(YT + rm, mask=mm, other=0.0).to(tl.float64)
+        sync_tol = tl.load(LIM)
+        hard_min = tl.load(LIM + 1)
+        valid = mb[:, None] & mm[None, :]
+        same = xv[:, None] == yv[None, :]
+        gap = tl.abs(xt[:, None] - yt[None, :])
+        hard = valid & same & (gap >= hard_min)
+        pos = valid & same & (gap <= sync_tol) & (gap < hard_min)
+        easy = valid & (xv[:, None] != yv[None, :])
+        return pos, easy, hard
+
+    @triton.autotune(configs=_configs(True), key=["Bn", "Mn", "D"])
+    @triton.jit
+    def _inbatch_fwd_kernel(X, Y, XN, YN, XV, XT, YV, YT, LIM, OUT, Bn, Mn, D, m_per_split,
+                            sxb, sxd, syb, syd, margin,
+                            BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                            PRECISION: tl.constexpr):
+        pid_b = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        mb = rb < Bn
+        s_pos = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        s_easy = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        s_hard = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        n_pos = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        n_easy = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        n_hard = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        m_lo = pid_s * m_per_split
+        m_hi = tl.minimum(m_lo + m_per_split, Mn)
+        for m0 in range(m_lo, m_hi, BLOCK_M):
+            rm = m0 + tl.arange(0, BLOCK_M)
+            mm = rm < m_hi
+            d2 = _dist_tile(X, Y, XN, YN, rb, rm, mb, mm, D, sxb, sxd, syb, syd,
+                            BLOCK_B, BLOCK_M, BLOCK_K, PRECISION)
+            pos, easy, hard = _kinds_tile(XV, XT, YV, YT, LIM, rb, rm, mb, mm)
+            h = tl.maximum(margin - tl.sqrt(d2), 0.0)
+            h2 = h * h
+            s_pos += tl.sum(tl.where(pos, d2, 0.0), 1)
+            s_easy += tl.sum(tl.where(easy, h2, 0.0), 1)
+            s_hard += tl.sum(tl.where(hard, h2, 0.0), 1)
+            n_pos += tl.sum(pos.to(tl.float32), 1)
+            n_easy += tl.sum(easy.to(tl.float32), 1)
+            n_hard += tl.sum(hard.to(tl.float32), 1)
+        # one row of 6 partial sums per (row, split): (split, B, 6), summed by torch in fp64
+        o = OUT + (pid_s * Bn + rb) * 6
+        tl.store(o + 0, s_pos, mask=mb)
+        tl.store(o + 1, s_easy, mask=mb)
+        tl.store(o + 2, s_hard, mask=mb)
+        tl.store(o + 3, n_pos, mask=mb)
+        tl.store(o + 4, n_easy, mask=mb)
+        tl.store(o + 5, n_hard, mask=mb)
+
+    @triton.autotune(configs=_configs(False), key=["Bn", "Mn", "D"],
+                     prune_configs_by={"early_config_prune": _prune})
+    @triton.jit
+    def _inbatch_bwd_kernel(X, Y, XN, YN, XV, XT, YV, YT, LIM, COEF, DX, Bn, Mn, D, m_per_split,
+                            sxb, sxd, syb, syd, margin,
+                            BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                            BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr,
+                            GRAD_PRECISION: tl.constexpr):
+        """DX[split] = (sum_j w_ij) x_i - (W Y)_i over this split's columns (COEF carries 2g)."""
+        pid_b = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        mb = rb < Bn
+        rdo = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        mdo = rdo < D
+        c_pos = tl.load(COEF)
+        c_easy = tl.load(COEF + 1)
+        c_hard = tl.load(COEF + 2)
+        acc = tl.zeros((BLOCK_B, BLOCK_DO), dtype=tl.float32)
+        rs = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        m_lo = pid_s * m_per_split
+        m_hi = tl.minimum(m_lo + m_per_split, Mn)
+        for m0 in range(m_lo, m_hi, BLOCK_M):
+            rm = m0 + tl.arange(0, BLOCK_M)
+            mm = rm < m_hi
+            d2 = _dist_tile(X, Y, XN, YN, rb, rm, mb, mm, D, sxb, sxd, syb, syd,
+                            BLOCK_B, BLOCK_M, BLOCK_K, PRECISION)
+            pos, easy, hard = _kinds_tile(XV, XT, YV, YT, LIM, rb, rm, mb, mm)
+            d = tl.sqrt(d2)
+            pull = -tl.maximum(margin - d, 0.0) / tl.where(d > 0, d, 1.0)
+            pull = tl.where(d > 0, pull, 0.0)
+            w = tl.where(pos, c_pos, 0.0) + tl.where(easy, c_easy * pull, 0.0) \
+                + tl.where(hard, c_hard * pull, 0.0)
+            rs += tl.sum(w, 1)
+            y = tl.load(Y + rm[:, None] * syb + rdo[None, :] * syd,
+                        mask=mm[:, None] & mdo[None, :], other=0.0).to(tl.float32)
+            acc = tl.dot(w, y, acc, input_precision=GRAD_PRECISION)
+        x = tl.load(X + rb[:, None] * sxb + rdo[None, :] * sxd, mask=mb[:, None] & mdo[None, :],
+                    other=0.0).to(tl.float32)
+        out = rs[:, None] * x - acc
+        tl.store(DX + (pid_s * Bn + rb[:, None]) * D + rdo[None, :], out,
+                 mask=mb[:, None] & mdo[None, :])
+
+    @triton.jit
+    def _paired_fwd_kernel(X, Y, LAB, OUT, Bn, D, sxb, sxd, syb, syd, margin,
+                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid = tl.program_id(0)
+        r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        mr = r < Bn
+        d2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            m2 = mr[:, None] & (rk[None, :] < D)
+            x = tl.load(X + r[:, None] * sxb + rk[None, :] * sxd, mask=m2, other=0.0)
+            y = tl.load(Y + r[:, None] * syb + rk[None, :] * syd, mask=m2, other=0.0)
+            diff = x.to(tl.float32) - y.to(tl.float32)
+            d2 += tl.sum(diff * diff, 1)
+        lab = tl.load(LAB + r, mask=mr, other=0)
+        pos = mr & (lab != 0)
+        neg = mr & (lab == 0)
+        h = tl.maximum(margin - tl.sqrt(d2), 0.0)
+        o = OUT + pid * 6
+        tl.store(o + 0, tl.sum(tl.where(pos, d2, 0.0), 0))
+        tl.store(o + 1, tl.sum(tl.where(neg, h * h, 0.0), 0))
+        tl.store(o + 2, 0.0)
+        tl.store(o + 3, tl.sum(pos.to(tl.float32), 0))
+        tl.store(o + 4, tl.sum(neg.to(tl.float32), 0))
+        tl.store(o + 5, 0.0)
+
+    @triton.jit
+    def _paired_bwd_kernel(X, Y, LAB, COEF, DX, DY, Bn, D, sxb, sxd, syb, syd, margin,
+                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid = tl.program_id(0)
+        r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        mr = r < Bn
+        d2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            m2 = mr[:, None] & (rk[None, :] < D)
+            x = tl.load(X + r[:, None] * sxb + rk[None, :] * sxd, mask=m2, other=0.0)
+            y = tl.load(Y + r[:, None] * syb + rk[None, :] * syd, mask=m2, other=0.0)
+            diff = x.to(tl.float32) - y.to(tl.float32)
+            d2 += tl.sum(diff * diff, 1)
+        d = tl.sqrt(d2)
+        lab = tl.load(LAB + r, mask=mr, other=0)
+        pull = tl.where(d > 0, -tl.maximum(margin - d, 0.0) / tl.where(d > 0, d, 1.0), 0.0)
+        w = tl.where(lab != 0, tl.load(COEF), tl.load(COEF + 1) * pull)
+        for k0 in range(0, D, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            m2 = mr[:, None] & (rk[None, :] < D)
+            x = tl.load(X + r[:, None] * sxb + rk[None, :] * sxd, mask=m2, other=0.0)
+            y = tl.load(Y + r[:, None] * syb + rk[None, :] * syd, mask=m2, other=0.0)
+            g = w[:, None] * (x.to(tl.float32) - y.to(tl.float32))
+            o = r[:, None] * D + rk[None, :]
+            tl.store(DX + o, g.to(DX.dtype.element_ty), mask=m2)
+            tl.store(DY + o, (-g).to(DY.dtype.element_ty), mask=m2)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+
+def _precisions(dtype):
+    """(distance product, gradient product) input precision of tl.dot."""
+    return ("tf32x3" if dtype == torch.float32 else "tf32"), "tf32"
+
+
+def _choose_split(rows: int, cols: int, device) -> int:
+    """How many programs share one row block's columns: enough programs to fill the GPU."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    row_blocks = triton.cdiv(rows, 64)
+    return max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(cols, 256)))
+
+
+def _lims(sync_tol, hard_min_shift, device):
+    return torch.tensor([sync_tol, hard_min_shift], dtype=torch.float64, device=device)
+
+
+def _check_triton(t):
+    if triton is None:
+        raise RuntimeError("impl='triton' needs the triton package (pip install triton)")
+    if t.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(
+            f"impl='triton' needs CUDA tensors (got {t.device.type}); on a machine without a GPU "
+            "set TRITON_INTERPRET=1 before importing fastavts to run the kernels in Triton's "
+            "interpreter, or use impl='reference' / 'auto'")
+
+
+def _inbatch_sums(v, a, cv, ct, av, at, margin, hard_min_shift, sync_tol, split=None):
+    B, D = v.shape
+    M = a.shape[0]
+    vn, an = v.float().pow(2).sum(1), a.float().pow(2).sum(1)
+    split = split or _choose_split(B, M, v.device)
+    per = triton.cdiv(M, split)
+    out = torch.zeros((split, B, 6), dtype=torch.float32, device=v.device)
+    prec, _ = _precisions(v.dtype)
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), split)  # noqa: E731
+    _inbatch_fwd_kernel[grid](v, a, vn, an, cv, ct, av, at, _lims(sync_tol, hard_min_shift,
+                              v.device), out, B, M, D, per, v.stride(0), v.stride(1),
+                              a.stride(0), a.stride(1), float(margin), PRECISION=prec)
+    tot = out.double().sum((0, 1))
+    return tot[:3], tot[3:], vn, an
+
+
+def _inbatch_grad(x, y, xn, yn, xv, xt, yv, yt, coef, margin, hard_min_shift, sync_tol,
+                  split=None):
+    B, D = x.shape
+    M = y.shape[0]
+    split = split or _choose_split(B, M, x.device)
+    per = triton.cdiv(M, split)
+    dx = torch.empty((split, B, D), dtype=torch.float32, device=x.device)
+    prec, gprec = _precisions(x.dtype)
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(D, meta["BLOCK_DO"]),  # noqa
+                         split)
+    _inbatch_bwd_kernel[grid](x, y, xn, yn, xv, xt, yv, yt, _lims(sync_tol, hard_min_shift,
+                              x.device), coef, dx, B, M, D, per, x.stride(0), x.stride(1),
+                              y.stride(0), y.stride(1), float(margin), PRECISION=prec,
+                              GRAD_PRECISION=gprec)
+    return (dx[0] if split == 1 else dx.sum(0)).to(x.dtype)
+
+
+def _prep_ids(t):
+    return t.to(torch.int64).contiguous()
+
+
+def _prep_times(t):
+    return t.to(torch.float32).contiguous()
+
+
+# The custom ops: torch.compile sees them as single nodes (no graph break), autograd through
+# register_autograd. `split` = 0 lets the launcher choose (tests force other values).
+
+@torch.library.custom_op("fastavts::contrastive_fwd", mutates_args=())
+def _contrastive_fwd(v: torch.Tensor, a: torch.Tensor, cv: torch.Tensor, ct: torch.Tensor,
+                     av: torch.Tensor, at: torch.Tensor, margin: float, hard_share: float,
+                     hard_min_shift: float, sync_tol: float, split: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    sums, counts, _, _ = _inbatch_sums(v, a, cv, ct, av, at, margin, hard_min_shift, sync_tol,
+                                       split or None)
+    c = coefficients(counts, hard_share)
+    return (c * sums).sum().float(), c.float()
+
+
+@_contrastive_fwd.register_fake
+def _(v, a, cv, ct, av, at, margin, hard_share, hard_min_shift, sync_tol, split):
+    return v.new_empty((), dtype=torch.float32), v.new_empty((3,), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastavts::contrastive_bwd", mutates_args=())
+def _contrastive_bwd(grad: torch.Tensor, coef: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                     cv: torch.Tensor, ct: torch.Tensor, av: torch.Tensor, at: torch.Tensor,
+                     margin: float, hard_min_shift: float, sync_tol: float, split: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    c2 = (coef * (2 * grad.float())).contiguous()
+    vn, an = v.float().pow(2).sum(1), a.float().pow(2).sum(1)
+    dv = _inbatch_grad(v, a, vn, an, cv, ct, av, at, c2, margin, hard_min_shift, sync_tol,
+                       split or None)
+    da = _inbatch_grad(a, v, an, vn, av, at, cv, ct, c2, margin, hard_min_shift, sync_tol,
+                       split or None)
+    return dv, da
+
+
+@_contrastive_bwd.register_fake
+def _(grad, coef, v, a, cv, ct, av, at, margin, hard_min_shift, sync_tol, split):
+    return torch.empty_like(v), torch.empty_like(a)
+
+
+def _contrastive_setup(ctx, inputs, output):
+    v, a, cv, ct, av, at, margin, hard_share, hard_min_shift, sync_tol, split = inputs
+    ctx.save_for_backward(v, a, cv, ct, av, at, output[1])
+    ctx.args = (margin, hard_min_shift, sync_tol, split)
+
+
+def _contrastive_backward(ctx, grad, _grad_coef):
+    v, a, cv, ct, av, at, coef = ctx.saved_tensors
+    dv, da = _contrastive_bwd(grad, coef, v, a, cv, ct, av, at, *ctx.args)
+    return dv, da, None, None, None, None, None, None, None, None, None
+
+
+_contrastive_fwd.register_autograd(_contrastive_backward, setup_context=_contrastive_setup)
+
+
+def _paired_launch_sizes(D):
+    return 64, min(128, max(16, triton.next_power_of_2(D)))
+
+
+@torch.library.custom_op("fastavts::paired_contrastive_fwd", mutates_args=())
+def _paired_fwd(v: torch.Tensor, a: torch.Tensor, y: torch.Tensor, margin: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    B, D = v.shape
+    br, bk = _paired_launch_sizes(D)
+    n = triton.cdiv(B, br)
+    out = torch.zeros((n, 6), dtype=torch.float32, device=v.device)
+    _paired_fwd_kernel[(n,)](v, a, y, out, B, D, v.stride(0), v.stride(1), a.stride(0),
+                             a.stride(1), float(margin), BLOCK_R=br, BLOCK_K=bk)
+    tot = out.double().sum(0)
+    c = coefficients(tot[3:], 0.0)
+    return (c * tot[:3]).sum().float(), c.float()
+
+
+@_paired_fwd.register_fake
+def _(v, a, y, margin):
+    return v.new_empty((), dtype=torch.float32), v.new_empty((3,), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastavts::paired_contrastive_bwd", mutates_args=())
+def _paired_bwd(grad: torch.Tensor, coef: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                y: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    B, D = v.shape
+    br, bk = _paired_launch_sizes(D)
+    c2 = (coef * (2 * grad.float())).contiguous()
+    dv, da = torch.empty_like(v), torch.empty_like(a)
+    _paired_bwd_kernel[(triton.cdiv(B, br),)](v, a, y, c2, dv, da, B, D, v.stride(0),
+                                               v.stride(1), a.stride(0), a.stride(1),
+                                               float(margin), BLOCK_R=br, BLOCK_K=bk)
+    return dv, da
+
+
+@_paired_bwd.register_fake
+def _(grad, coef, v, a, y, margin):
+    return torch.empty_like(v), torch.empty_like(a)
+
+
+def _paired_setup(ctx, inputs, output):
+    v, a, y, margin = inputs
+    ctx.save_for_backward(v, a, y, output[1])
+    ctx.margin = margin
+
+
+def _paired_backward(ctx, grad, _grad_coef):
+    v, a, y, coef = ctx.saved_tensors
+    dv, da = _paired_bwd(grad, coef, v, a, y, ctx.margin)
+    return dv, da, None, None
+
+
+_paired_fwd.register_autograd(_paired_backward, setup_context=_paired_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions
+
+def _use_triton(impl: str, v) -> bool:
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}: choose one of {', '.join(IMPLS)}")
+    if impl == "reference":
+        return False
+    if impl == "auto":
+        return triton is not None and v.device.type == "cuda" and v.dtype != torch.float64
+    _check_triton(v)
+    if v.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"impl='triton' takes fp32, fp16 or bf16 embeddings, not {v.dtype}")
+    return True
+
+
+def _check_shapes(v, a, *vectors):
+    if v.dim() != 2 or a.dim() != 2 or v.shape[1] != a.shape[1]:
+        raise ValueError(f"v must be (B, D) and a (M, D) with the same D; got {tuple(v.shape)} "
+                         f"and {tuple(a.shape)}")
+    for name, t, n in vectors:
+        if t.shape != (n,):
+            raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+
+
+def inbatch_contrastive_loss(v, a, clip_video, clip_t0, audio_video, audio_t0, *,
+                             margin: float = 1.0, hard_share: float = 0.25,
+                             hard_min_shift: float = 0.5, sync_tol: float = 0.02,
+                             impl: str = "auto", _split: int = 0):
+    """The AVTS contrastive loss over all B x M clip-audio pairs (scalar, fp32)."""
+    B, M = v.shape[0], a.shape[0]
+    _check_shapes(v, a, ("clip_video", clip_video, B), ("clip_t0", clip_t0, B),
+                  ("audio_video", audio_video, M), ("audio_t0", audio_t0, M))
+    if not _use_triton(impl, v):
+        return inbatch_reference(v, a, clip_video, clip_t0, audio_video, audio_t0, margin=margin,
+                                 hard_share=hard_share, hard_min_shift=hard_min_shift,
+                                 sync_tol=sync_tol)
+    if a.dtype != v.dtype:
+        a = a.to(v.dtype)
+    if B == 0 or M == 0:
+        return (v.sum() + a.sum()).float() * 0
+    loss, _ = _contrastive_fwd(v, a, _prep_ids(clip_video), _prep_times(clip_t0),
+                               _prep_ids(audio_video), _prep_times(audio_t0), float(margin),
+                               float(hard_share), float(hard_min_shift), float(sync_tol),
+                               int(_split))
+    return loss
+
+
+def paired_contrastive_loss(v, a, y, *, margin: float = 1.0, impl: str = "auto"):
+    """Pair i = (v_i, a_i) with label y_i: 0.5 mean_{y=1} d^2 + 0.5 mean_{y=0} relu(m - d)^2."""
+    _check_shapes(v, a, ("y", y, v.shape[0]))
+    if v.shape[0] != a.shape[0]:
+        raise ValueError(f"paired: v and a need the same number of rows, got {v.shape[0]} and "
+                         f"{a.shape[0]}")
+    if not _use_triton(impl, v):
+        return paired_reference(v, a, y, margin=margin)
+    if a.dtype != v.dtype:
+        a = a.to(v.dtype)
+    if v.shape[0] == 0:
+        return (v.sum() + a.sum()).float() * 0
+    loss, _ = _paired_fwd(v, a, y.to(torch.int32).contiguous(), float(margin))
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# `python -m fastavts.kernels.contrastive --compile 90`: compile every kernel for a GPU
+# architecture without one (ptxas runs; nothing is launched). Used by the CPU tests.
+
+def compile_all(arch: int = 90) -> list[str]:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if INTERPRET:
+        raise RuntimeError("unset TRITON_INTERPRET to compile the kernels")
+    target, done = GPUTarget("cuda", arch, 32), []
+    ids = {"XV": "*i64", "XT": "*fp32", "YV": "*i64", "YT": "*fp32", "LIM": "*fp64"}
+    sizes = {"Bn": "i32", "Mn": "i32", "D": "i32", "m_per_split": "i32", "sxb": "i32",
+             "sxd": "i32", "syb": "i32", "syd": "i32", "margin": "fp32"}
+    rows = {"Bn": "i32", "D": "i32", "sxb": "i32", "sxd": "i32", "syb": "i32", "syd": "i32",
+            "margin": "fp32", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr"}
+    for t in ("fp32", "fp16", "bf16"):
+        prec = "tf32x3" if t == "fp32" else "tf32"
+        xy = {"X": f"*{t}", "Y": f"*{t}", "XN": "*fp32", "YN": "*fp32", **ids}
+        blocks = {"BLOCK_B": "constexpr", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
+        jobs = [
+            ("inbatch_fwd", _inbatch_fwd_kernel.fn,
+             {**xy, "OUT": "*fp32", **sizes, **blocks, "PRECISION": "constexpr"},
+             dict(BLOCK_B=128, BLOCK_M=64, BLOCK_K=64, PRECISION=prec)),
+            ("inbatch_bwd", _inbatch_bwd_kernel.fn,
+             {**xy, "COEF": "*fp32", "DX": "*fp32", **sizes, **blocks, "BLOCK_DO": "constexpr",
+              "PRECISION": "constexpr", "GRAD_PRECISION": "constexpr"},
+             dict(BLOCK_B=64, BLOCK_M=64, BLOCK_K=64, BLOCK_DO=128, PRECISION=prec,
+                  GRAD_PRECISION="tf32")),
+            ("paired_fwd", _paired_fwd_kernel,
+             {"X": f"*{t}", "Y": f"*{t}", "LAB": "*i32", "OUT": "*fp32", **rows},
+             dict(BLOCK_R=64, BLOCK_K=64)),
+            ("paired_bwd", _paired_bwd_kernel,
+             {"X": f"*{t}", "Y": f"*{t}", "LAB": "*i32", "COEF": "*fp32", "DX": f"*{t}",
+              "DY": f"*{t}", **rows}, dict(BLOCK_R=64, BLOCK_K=64))]
+        for name, fn, sig, const in jobs:
+            k = triton.compile(ASTSource(fn, sig, const), target=target,
+                               options={"num_warps": 4, "num_stages": 3})
+            line = (f"{name} {t} sm_{arch}: cubin {len(k.asm['cubin'])} bytes, shared memory "
+                    f"{k.metadata.shared} bytes")
+            print(line)
+            done.append(line)
+    return done
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description=compile_all.__doc__ or "compile the kernels")
+    p.add_argument("--compile", type=int, default=90, metavar="ARCH",
+                   help="compute capability as an integer (90 = H100/H200)")
+    compile_all(p.parse_args().compile)

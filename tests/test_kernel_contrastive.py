@@ -1,0 +1,214 @@
+"""The fused contrastive loss (kernels/contrastive.py) against a float64 reference.
+
+On a machine without a GPU the Triton kernels run in Triton's interpreter (conftest sets
+TRITON_INTERPRET=1), fp32 and fp16; on a GPU they run compiled, bf16 included.
+
+Tolerance, per quantity (loss, dV, dA): the error of the kernel against the float64 reference
+(the same rounded inputs, computed in float64) may be at most 2x the error of the PyTorch
+reference run at the inputs' precision, plus a small absolute term relative to the magnitude.
+Errors are printed before each assertion.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastavts.kernels import contrastive as C
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def _run(fn, v, a, *args, **kw):
+    v = v.detach().clone().requires_grad_(True)
+    a = a.detach().clone().requires_grad_(True)
+    loss = fn(v, a, *args, **kw)
+    loss.backward()
+    return loss.detach().double(), v.grad.double(), a.grad.double()
+
+
+def _check(name, tri, ref_p, ref64, dtype):
+    for what, t, r, g in zip(("loss", "dV", "dA"), tri, ref_p, ref64):
+        scale = g.abs().max().item() if g.numel() else 0.0
+        err_t = (t - g).abs().max().item() if g.numel() else 0.0
+        err_r = (r - g).abs().max().item() if g.numel() else 0.0
+        bound = 2 * err_r + ATOL[dtype] * scale
+        print(f"{name} {what}: kernel err {err_t:.3e}, reference err {err_r:.3e}, "
+              f"bound {bound:.3e}, |ref| {scale:.3e}")
+        assert torch.isfinite(t).all(), f"{name} {what}: non-finite values"
+        assert err_t <= bound, f"{name} {what}: kernel error {err_t:.3e} > bound {bound:.3e}"
+
+
+def _inbatch(B, M, D, dtype, *, videos=5, steps=8, step=0.25, seed=0, normalize=True,
+             noncontig=False):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(B, D, generator=g)
+    a = torch.randn(M, D, generator=g)
+    if normalize:  # like the trainer's embeddings, so distances straddle the margin
+        v, a = torch.nn.functional.normalize(v, dim=1), torch.nn.functional.normalize(a, dim=1)
+        a[: min(B, M)] = 0.6 * a[: min(B, M)] + 0.4 * v[: min(B, M)]
+    cv = torch.randint(0, videos, (B,), generator=g)
+    av = torch.randint(0, videos, (M,), generator=g)
+    # times on a grid so that gaps hit sync_tol and hard_min_shift exactly (ties)
+    ct = torch.randint(0, steps, (B,), generator=g).float() * step
+    at = torch.randint(0, steps, (M,), generator=g).float() * step
+    v, a = v.to(DEVICE, dtype), a.to(DEVICE, dtype)
+    if noncontig:
+        v = torch.cat([v, v], 1)[:, ::2]
+        a = torch.cat([a, a], 1)[:, ::2]
+    return v, a, cv.to(DEVICE), ct.to(DEVICE), av.to(DEVICE), at.to(DEVICE)
+
+
+def _compare_inbatch(name, v, a, cv, ct, av, at, dtype, split=0, **kw):
+    args = (cv, ct, av, at)
+    tri = _run(C.inbatch_contrastive_loss, v, a, *args, impl="triton", _split=split, **kw)
+    ref_p = _run(C.inbatch_contrastive_loss, v, a, *args, impl="reference", **kw)
+    ref64 = _run(C.inbatch_contrastive_loss, v.double(), a.double(), *args, impl="reference",
+                 **kw)
+    _check(name, tri, ref_p, ref64, dtype)
+    return ref64
+
+
+SHAPES = [(1, 1, 3), (1, 7, 64), (13, 1, 130), (37, 70, 512), (129, 257, 130), (300, 700, 64),
+          (200, 650, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,M,D", SHAPES)
+def test_inbatch_kernel_matches_float64(B, M, D, dtype):
+    v, a, cv, ct, av, at = _inbatch(B, M, D, dtype, seed=B + M + D)
+    _compare_inbatch(f"B={B} M={M} D={D} {dtype}", v, a, cv, ct, av, at, dtype,
+                     sync_tol=0.25, hard_min_shift=0.5, hard_share=0.3, margin=1.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["no_pos", "no_hard", "no_neg", "only_hard_h0", "only_easy_h1",
+                                  "one_video", "nothing", "split", "noncontig", "raw"])
+def test_inbatch_kernel_edge_cases(case, dtype):
+    kw = dict(sync_tol=0.25, hard_min_shift=0.5, hard_share=0.3, margin=1.0)
+    v, a, cv, ct, av, at = _inbatch(45, 90, 64, dtype, seed=3, noncontig=case == "noncontig",
+                                    normalize=case != "raw")
+    split = 0
+    if case == "no_pos":      # every window 2 s away from every clip of its video
+        at = ct.max() + 2.0 + at
+    elif case == "no_hard":   # every same-video gap below hard_min_shift
+        kw["hard_min_shift"] = 100.0
+    elif case == "no_neg":    # one video, no hard shifts: positives and ignored pairs only
+        cv, av = cv * 0, av * 0
+        kw["hard_min_shift"] = 100.0
+    elif case == "only_hard_h0":  # one video, all negatives hard, hard_share 0
+        cv, av = cv * 0, av * 0
+        kw["hard_share"] = 0.0
+    elif case == "only_easy_h1":  # different videos only, hard_share 1
+        av = av + 100
+        kw["hard_share"] = 1.0
+    elif case == "one_video":     # duplicates: all clips of one video, windows of two
+        cv = cv * 0
+        av = av % 2
+    elif case == "nothing":       # all pairs ignored: the loss is 0, gradients 0
+        cv, av = cv * 0, av * 0
+        ct, at = ct * 0, at * 0 + 0.3
+    elif case == "split":         # the column range split over programs (GPU launch path)
+        split = 3
+    elif case == "raw":           # unnormalised embeddings, distances far beyond the margin
+        kw["margin"] = 5.0
+    ref64 = _compare_inbatch(f"{case} {dtype}", v, a, cv, ct, av, at, dtype, split=split, **kw)
+    if case == "nothing":
+        assert ref64[0].item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kinds_at_the_boundaries_match_the_reference(dtype):
+    """Gaps of exactly sync_tol and hard_min_shift, and float32 times that are not exact."""
+    v, a, cv, ct, av, at = _inbatch(20, 40, 16, dtype, videos=1, seed=5)
+    ct = torch.full_like(ct, 1.0)
+    at = torch.tensor([1.0, 1.02, 1.5, 0.5, 1.49999, 1.0200001, 0.98, 2.0] * 5,
+                      device=at.device)
+    for sync_tol, hard in ((0.02, 0.5), (0.5, 0.5), (0.0, 1.0)):
+        kinds = C.pair_kinds(cv, ct, av, at, hard, sync_tol)
+        assert (kinds == C.POS).any() and (kinds == C.HARD).any()
+        _compare_inbatch(f"tol={sync_tol} hard={hard} {dtype}", v, a, cv, ct, av, at, dtype,
+                         sync_tol=sync_tol, hard_min_shift=hard, hard_share=0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,D,labels", [(1, 3, "mixed"), (37, 130, "mixed"), (300, 512, "mixed"),
+                                        (64, 64, "all_pos"), (64, 64, "all_neg")])
+def test_paired_kernel_matches_float64(B, D, labels, dtype):
+    v, a, *_ = _inbatch(B, B, D, dtype, seed=B + D)
+    y = torch.randint(0, 2, (B,), generator=torch.Generator().manual_seed(B)).to(DEVICE)
+    if labels != "mixed":
+        y = torch.full_like(y, 1 if labels == "all_pos" else 0)
+    tri = _run(C.paired_contrastive_loss, v, a, y, impl="triton", margin=1.2)
+    ref_p = _run(C.paired_contrastive_loss, v, a, y, impl="reference", margin=1.2)
+    ref64 = _run(C.paired_contrastive_loss, v.double(), a.double(), y, impl="reference",
+                 margin=1.2)
+    _check(f"paired B={B} D={D} {labels}", tri, ref_p, ref64, dtype)
+
+
+def test_reference_is_the_hand_computed_loss():
+    """The float64 reference the kernel is held to, on a case worked out by hand."""
+    v = torch.tensor([[0.0], [10.0]], dtype=torch.float64)
+    a = torch.tensor([[0.5], [0.2], [10.0], [9.7]], dtype=torch.float64)
+    cv, ct = torch.tensor([0, 1]), torch.tensor([0.0, 0.0])
+    av, at = torch.tensor([0, 0, 1, 1]), torch.tensor([0.0, 1.0, 0.0, 2.0])
+    want = 0.5 * (0.25 / 2) + 0.5 * (0.75 * 0.0 + 0.25 * ((0.8 ** 2 + 0.7 ** 2) / 2))
+    got = C.inbatch_contrastive_loss(v, a, cv, ct, av, at, impl="reference")
+    assert got.item() == pytest.approx(want, rel=1e-12)
+    if DEVICE == "cpu":
+        # |v|^2 + |a|^2 - 2 v.a in fp32 with |v| = 10: d^2 is known to about 100 * 2^-24
+        got = C.inbatch_contrastive_loss(v.float(), a.float(), cv, ct, av, at, impl="triton")
+        assert got.item() == pytest.approx(want, rel=2e-5)
+
+
+def test_impl_switch_and_errors():
+    v, a, cv, ct, av, at = _inbatch(4, 6, 8, torch.float32)
+    with pytest.raises(ValueError, match="choose one of"):
+        C.inbatch_contrastive_loss(v, a, cv, ct, av, at, impl="fast")
+    with pytest.raises(ValueError, match="same D"):
+        C.inbatch_contrastive_loss(v, a[:, :4], cv, ct, av, at)
+    with pytest.raises(ValueError, match="audio_t0 must have shape"):
+        C.inbatch_contrastive_loss(v, a, cv, ct, av, at[:3])
+    with pytest.raises(TypeError, match="fp32, fp16 or bf16"):
+        C.inbatch_contrastive_loss(v.double(), a.double(), cv, ct, av, at, impl="triton")
+    # auto: the kernel on CUDA tensors, the reference elsewhere (both give the same loss)
+    ref = C.inbatch_contrastive_loss(v, a, cv, ct, av, at, impl="reference")
+    auto = C.inbatch_contrastive_loss(v, a, cv, ct, av, at, impl="auto")
+    assert torch.allclose(ref, auto, atol=1e-5)
+
+
+def test_compiled_graph_has_no_break():
+    """The kernel is a registered custom op: torch.compile keeps it in one graph."""
+    import torch._dynamo as dynamo
+
+    v, a, cv, ct, av, at = _inbatch(16, 32, 8, torch.float32)
+
+    def f(v, a):
+        return C.inbatch_contrastive_loss(v * 2, a, cv, ct, av, at, impl="triton") + v.sum()
+
+    explain = dynamo.explain(f)(v, a)
+    print(explain.graph_break_count, explain.break_reasons)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+    torch.library.opcheck(torch.ops.fastavts.contrastive_fwd.default,
+                          (v, a, cv, ct.float(), av, at.float(), 1.0, 0.25, 0.5, 0.02, 0),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """ptxas accepts every kernel for sm_90 at each dtype (catches what the interpreter
+    forgives: dtypes, tl.dot shapes, shared memory); running them needs the GPU. In a
+    subprocess: the kernels of this process are interpreted ones."""
+    import os
+    import subprocess
+    import sys
+
+    if CUDA:
+        pytest.skip("the GPU runs the kernels themselves")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "fastavts.kernels.contrastive", "--compile", "90"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    print(r.stdout, r.stderr[-3000:])
+    assert r.returncode == 0
+    assert r.stdout.count("cubin") == 12   # 4 kernels x fp32/fp16/bf16
