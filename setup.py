@@ -30,6 +30,7 @@ setup(
         "omegaconf>=2.3,<2.5",         # typed configs: schemas, YAML, dotted overrides
         "tqdm>=4.66,<5",               # progress bars
         "tensorboard>=2.14,<3",        # training scalars (torch.utils.tensorboard)
+        "nvidia-ml-py>=12,<14",        # GPU counters (NVML), fastavts/gpu_monitor.py
     ],
     extras_require={"test": ["pytest>=8,<10"]},
     entry_points={"console_scripts": ["fastavts=fastavts.cli:main"]},

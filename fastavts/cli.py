@@ -151,7 +151,8 @@ def cmd_eval_sync(args) -> int:
         cfg = build_config(None, args.overrides, extra=yaml.safe_load(to_yaml(cfg)))
     if cfg.loader.device == "gpu" and not torch.cuda.is_available():
         cfg.loader.device = "cpu"
-    r = evaluate_sync(model, cfg, args.dataset, device, clips_per_video=args.clips_per_video)
+    r = evaluate_sync(model, cfg, args.dataset, device,
+                      clips_per_video=args.clips_per_video or cfg.train.eval_clips)
     if args.json:
         print(json.dumps(r))
     else:
@@ -310,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "videos (reported) and applied to the other half.")
     p.add_argument("checkpoint", help="a checkpoint (runs/.../checkpoints/last.pt)")
     p.add_argument("dataset", help="a prepared dataset")
-    p.add_argument("--clips-per-video", type=int, default=8)
+    p.add_argument("--clips-per-video", type=int, default=None,
+                   help="clips per video (default: the checkpoint's train.eval_clips, 32)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=cmd_eval_sync)

@@ -212,6 +212,16 @@ class TrainConfig:
     log_every: int = _f(10, "steps between TensorBoard scalars", min=1)
     max_nonfinite: int = _f(20, "stop after this many non-finite losses in a row", min=1)
     seed: int = _f(0, "seed of model init and torch RNGs", min=0)
+    profile: bool = _f(False, "write a torch.profiler trace of a few steps to <run>/profile "
+                       "(TensorBoard / Perfetto), with named ranges for data, forward, loss, "
+                       "backward and optimizer")
+    profile_steps: list = _f([10, 3, 5], "profile: [wait, warmup, active] steps")
+    nvtx: bool = _f(False, "emit NVTX ranges (data, forward, loss, backward, optimizer) for "
+                    "Nsight Systems, without the torch profiler")
+    gpu_counters: bool = _f(True, "sample NVML counters (SM and memory utilisation, memory, "
+                            "power, clocks) during training; off without a GPU")
+    eval_clips: int = _f(32, "final sync evaluation: clips per held-out video (half positives, "
+                         "a quarter easy, a quarter hard negatives)", min=2)
     demo_videos: int = _f(160, "demo: synthetic training videos", min=4)
     demo_heldout: int = _f(64, "demo: held-out synthetic videos", min=4)
 
@@ -423,6 +433,10 @@ def validate(cfg: Config) -> None:
     if cfg.loss.kind == "ce" and sm.pairs != "paired":
         raise ConfigError("loss.kind=ce scores (clip, audio) pairs one by one: it needs "
                           "sampler.pairs=paired; use contrastive or infonce with inbatch.")
+    ps = cfg.train.profile_steps
+    if len(ps) != 3 or not all(isinstance(x, int) and x >= 0 for x in ps) or ps[2] < 1:
+        raise ConfigError(f"train.profile_steps must be [wait, warmup, active] whole numbers "
+                          f"with active >= 1, got {list(ps)}.")
     if cfg.loss.impl == "triton" and cfg.loss.kind != "contrastive":
         raise ConfigError(f"loss.impl=triton: the fused kernel computes loss.kind=contrastive; "
                           f"loss.kind={cfg.loss.kind} has the reference only (use impl=auto).")

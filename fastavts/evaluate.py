@@ -90,7 +90,7 @@ def sync_metrics(r: dict) -> dict:
                         validation=int(val.sum())))
 
 
-def eval_config(cfg, clips_per_video: int = 8):
+def eval_config(cfg, clips_per_video: int = 32):
     """The training config turned into the fixed eval pairs described above."""
     c = copy.deepcopy(cfg)
     c.sampler.pairs, c.sampler.positive_share = "paired", 0.5
@@ -99,7 +99,8 @@ def eval_config(cfg, clips_per_video: int = 8):
     return c
 
 
-def evaluate_sync(model, cfg, root, device, autocast=nullcontext, clips_per_video: int = 8) -> dict:
+def evaluate_sync(model, cfg, root, device, autocast=nullcontext,
+                  clips_per_video: int = 32) -> dict:
     from .data.loader import make_loader
 
     c = eval_config(cfg, clips_per_video)

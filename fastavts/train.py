@@ -76,6 +76,25 @@ def compute_loss(model, cfg: Config, batch: dict, v, a, fv, fa):
         impl=lk.impl)
 
 
+class _NvtxAndRecord:
+    """A range seen by both the torch profiler and Nsight Systems (NVTX)."""
+
+    def __init__(self, name: str):
+        import torch
+        self.rf = torch.profiler.record_function(name)
+        self.name = name
+
+    def __enter__(self):
+        import torch
+        torch.cuda.nvtx.range_push(self.name)
+        self.rf.__enter__()
+
+    def __exit__(self, *exc):
+        import torch
+        self.rf.__exit__(*exc)
+        torch.cuda.nvtx.range_pop()
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up to 1, then cosine to 0 at `total`."""
     if step < warmup:
@@ -210,7 +229,30 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
                 scaler=scaler.state_dict(), loader=loader.state_dict(), rng=rng_state(),
                 step=step, config=to_yaml(cfg)), tc.keep_last)
 
-    # --- the loop
+    # --- the loop (named ranges for the profiler and Nsight when asked for)
+    ranges = tc.profile or tc.nvtx
+
+    def rng_(name):
+        if not ranges:
+            return nullcontext()
+        if cuda and tc.nvtx:
+            return _NvtxAndRecord(name)
+        return torch.profiler.record_function(name)
+
+    prof = None
+    if tc.profile and is_main:
+        w, wu, act = (int(x) for x in tc.profile_steps)
+        acts = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        prof = torch.profiler.profile(
+            activities=acts, schedule=torch.profiler.schedule(wait=w, warmup=wu, active=act, repeat=1),
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(str(out / "profile")),
+            record_shapes=True, with_stack=False)
+        prof.start()
+    monitor = None
+    if tc.gpu_counters and is_main and cuda:
+        from .gpu_monitor import GpuMonitor
+        monitor = GpuMonitor().start()
     metrics = Metrics(out, is_main)
     history, skipped, nonfinite_run = [], 0, 0
     clips = 0
@@ -223,7 +265,8 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
         batches = loader.epoch(epoch)
         while True:
             t0 = time.perf_counter()
-            batch = next(batches, None)
+            with rng_("data"):   # decode + audio features (the loader's pipelines)
+                batch = next(batches, None)
             if batch is None:
                 break
             t_data = time.perf_counter() - t0
@@ -232,8 +275,10 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
             if tc.channels_last:
                 video = video.contiguous(memory_format=torch.channels_last_3d)
             with autocast():
-                v, a, fv, fa = net(video, audio)
-                loss = compute_loss(model, cfg, batch, v, a, fv, fa)
+                with rng_("forward"):
+                    v, a, fv, fa = net(video, audio)
+                with rng_("loss"):
+                    loss = compute_loss(model, cfg, batch, v, a, fv, fa)
             if not torch.isfinite(loss):
                 skipped += 1
                 nonfinite_run += 1
@@ -247,13 +292,17 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
                 continue
             nonfinite_run = 0
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if tc.grad_clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            with rng_("backward"):
+                scaler.scale(loss).backward()
+            with rng_("optimizer"):
+                if tc.grad_clip:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+            if prof is not None:
+                prof.step()
             step += 1
             n = len(batch["clip_video"]) * world
             clips += n
@@ -269,15 +318,26 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
                                        "data_wait_share": wait_total / elapsed,
                                        "hard_share": batch["hard_share"],
                                        "faults": sum(loader.faults.values())})
+                if monitor is not None:
+                    metrics.scalars(step, {f"gpu/{k}": x for k, x in monitor.latest().items()})
             if step % tc.ckpt_every == 0 or step == stop_after_steps:
                 checkpoint()
             if step == stop_after_steps:
                 bar.close()
                 loader.close()
                 metrics.close()
+                if prof is not None:
+                    prof.stop()
+                if monitor is not None:
+                    monitor.stop()
                 return dict(stopped_at=step, losses=history)
     bar.close()
     wall = time.perf_counter() - t_start
+    if prof is not None:
+        prof.stop()
+        print(f"fastavts train: profiler trace in {out / 'profile'} (tensorboard --logdir "
+              f"{out / 'profile'}, or open the .json in https://ui.perfetto.dev)")
+    gpu = monitor.stop() if monitor is not None else {}
     checkpoint()
     loader.close()
 
@@ -287,11 +347,14 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
                   final_loss=round(float(np.mean(history[-20:])), 5) if history else None,
                   skipped_nonfinite=skipped, faults=dict(loader.faults),
                   model=f"{cfg.model.video}+{cfg.model.audio}", loss=cfg.loss.kind,
-                  pairs=cfg.sampler.pairs)
+                  pairs=cfg.sampler.pairs, **gpu)
+    if gpu:
+        metrics.scalars(step, {f"gpu_summary/{k}": x for k, x in gpu.items()})
     if is_main and tc.eval_data:
         from .evaluate import evaluate_sync
         t = time.perf_counter()
-        result.update(evaluate_sync(model, cfg, tc.eval_data, device, autocast))
+        result.update(evaluate_sync(model, cfg, tc.eval_data, device, autocast,
+                                    clips_per_video=tc.eval_clips))
         result["eval_s"] = round(time.perf_counter() - t, 1)
         metrics.scalars(step, {k: result[k] for k in ("sync_acc_easy", "sync_acc_hard",
                                                        "auc_easy", "auc_hard")})

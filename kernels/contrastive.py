@@ -82,12 +82,12 @@ def contrastive_terms(d, kinds, margin: float, hard_share: float):
     pos, has_pos = _weighted_mean(d2, kinds == POS)
     easy, has_easy = _weighted_mean(neg, kinds == EASY)
     hard, has_hard = _weighted_mean(neg, kinds == HARD)
-    w_easy = (1 - hard_share) * has_easy
-    w_hard = hard_share * has_hard
+    w_easy = (1 - hard_share) * has_easy.to(d.dtype)   # in d's precision (float64 stays so)
+    w_hard = hard_share * has_hard.to(d.dtype)
     if not (has_easy or has_hard):
         return pos if has_pos else d.sum() * 0
     if w_easy + w_hard == 0:  # the only negatives present have weight 0: give them the half
-        w_easy, w_hard = has_easy.float(), has_hard.float()
+        w_easy, w_hard = has_easy.to(d.dtype), has_hard.to(d.dtype)
     negative = (w_easy * easy + w_hard * hard) / (w_easy + w_hard)
     if not has_pos:
         return negative
@@ -101,6 +101,20 @@ def inbatch_reference(v, a, clip_video, clip_t0, audio_video, audio_t0, *, margi
     d = torch.cdist(v.to(dt), a.to(dt))                       # (B, M)
     kinds = pair_kinds(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift, sync_tol)
     return contrastive_terms(d, kinds, margin, hard_share)
+
+
+def inbatch_reference_branchless(v, a, clip_video, clip_t0, audio_video, audio_t0, *,
+                                 margin=1.0, hard_share=0.25, hard_min_shift=0.5, sync_tol=0.02):
+    """The same loss without Python branches on tensor values (for torch.compile: one graph,
+    no host sync). Materialises the B x M matrix like the reference."""
+    dt = torch.float64 if v.dtype == torch.float64 else torch.float32
+    d = torch.cdist(v.to(dt), a.to(dt))
+    kinds = pair_kinds(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift, sync_tol)
+    hinge = F.relu(margin - d).pow(2)
+    masks = [kinds == POS, kinds == EASY, kinds == HARD]
+    sums = torch.stack([(v_ * m).sum() for v_, m in zip((d.pow(2), hinge, hinge), masks)])
+    counts = torch.stack([m.sum() for m in masks]).double()
+    return (coefficients(counts, hard_share).to(dt) * sums).sum()
 
 
 def paired_reference(v, a, y, *, margin=1.0):

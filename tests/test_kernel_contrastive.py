@@ -212,3 +212,20 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     print(r.stdout, r.stderr[-3000:])
     assert r.returncode == 0
     assert r.stdout.count("cubin") == 12   # 4 kernels x fp32/fp16/bf16
+
+
+@pytest.mark.parametrize("case", ["mixed", "no_pos", "only_hard_h0", "nothing"])
+def test_branchless_reference_equals_the_reference(case):
+    """bench_loss compiles the branch-free form; it must be the same loss and gradients."""
+    v, a, cv, ct, av, at = _inbatch(30, 50, 16, torch.float64, seed=11)
+    kw = dict(sync_tol=0.25, hard_min_shift=0.5, hard_share=0.3)
+    if case == "no_pos":
+        at = ct.max() + 2.0 + at
+    elif case == "only_hard_h0":
+        cv, av, kw["hard_share"] = cv * 0, av * 0, 0.0
+    elif case == "nothing":
+        cv, av, ct, at = cv * 0, av * 0, ct * 0, at * 0 + 0.3
+    ref = _run(C.inbatch_reference, v, a, cv, ct, av, at, **kw)
+    got = _run(C.inbatch_reference_branchless, v, a, cv, ct, av, at, **kw)
+    for r, g in zip(ref, got):
+        assert torch.allclose(r, g, rtol=1e-9, atol=1e-12), (r - g).abs().max()

@@ -1,0 +1,181 @@
+"""The contrastive loss: eager reference vs torch.compile(reference) vs the fused Triton kernel.
+
+    python bench/bench_loss.py                                   # GPU: the issue's full grid
+    python bench/bench_loss.py --sizes 256 1024 --dims 128       # CPU: eager and compiled only
+    python bench/bench_loss.py --once --impl triton --sizes 8192 --dims 512   # for Nsight
+
+For every B in --sizes (M = --m-factor x B) and D in --dims: forward, and forward+backward,
+timed --repeats times after --warmup calls (CUDA events on a GPU, perf_counter on the CPU):
+median, p20 and p80 in ms; the peak memory the call adds on top of its inputs (CUDA only:
+torch.cuda.max_memory_allocated); achieved TFLOP/s from a written-out count of the maths, the
+same count for every implementation so the rates compare like the times:
+
+    forward           2 B M D   (the Gram matrix v.a of all pairs; the O(B M) elementwise
+                                 work of kinds, sqrt and hinge is left out)
+    forward+backward  6 B M D   (+ dV = W A and dA = W^T V, 2 B M D each)
+
+The compiled reference is the branch-free form (kernels.contrastive.inbatch_reference_branchless:
+one graph, no host sync). Rows go to bench/results/loss.jsonl with the machine and versions.
+Targets (DESIGN.md section 5, H100/H200): Triton forward+backward at most 1/3 of eager's time
+and 2/3 of compiled's; extra memory O((B + M) D).
+On a CPU the Triton kernel runs only under TRITON_INTERPRET=1 (far too slow to time): it is
+left out there unless --impl triton is asked for.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+from common import HERE, context, write_rows
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def make_inputs(B, M, D, dtype, device, seed=0):
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    v = torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=1)
+    a = torch.nn.functional.normalize(torch.randn(M, D, generator=g), dim=1)
+    # the trainer's layout: B clips from B/2 videos, each clip's aligned window + 1 hard one
+    cv = torch.arange(B) // 2
+    av = torch.cat([cv, cv])[:M] if M <= 2 * B else torch.randint(0, B, (M,), generator=g)
+    ct = torch.rand(B, generator=g) * 8
+    at = torch.cat([ct, ct + 2.0])[:M] if M <= 2 * B else torch.rand(M, generator=g) * 8
+    return [t.to(device) for t in (v.to(getattr(torch, dtype)), a.to(getattr(torch, dtype)),
+                                   cv, ct, av, at)]
+
+
+def loss_fn(impl):
+    import torch
+
+    from fastavts.kernels import contrastive as C
+
+    if impl == "eager":
+        return C.inbatch_reference
+    if impl == "compiled":
+        return torch.compile(C.inbatch_reference_branchless, dynamic=False)
+    return lambda *args, **kw: C.inbatch_contrastive_loss(*args, impl="triton", **kw)
+
+
+def time_one(fn, inputs, backward, args, device):
+    import torch
+
+    cuda = device == "cuda"
+    v0, a0, *rest = inputs
+
+    def call():
+        v = v0.detach().requires_grad_(backward)
+        a = a0.detach().requires_grad_(backward)
+        loss = fn(v, a, *rest, margin=1.0, hard_share=0.25, hard_min_shift=0.5, sync_tol=0.02)
+        if backward:
+            loss.backward()
+        return loss
+
+    for _ in range(args.warmup):
+        call()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(1 if args.once else args.repeats):
+        if cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            call()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - t0) * 1e3)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
+    return times, peak
+
+
+def quantile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def main(argv=None) -> int:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+",
+                   default=[256, 1024, 4096, 8192] if cuda else [256, 1024])
+    p.add_argument("--m-factor", type=int, default=2, help="M = this x B (default 2)")
+    p.add_argument("--dims", type=int, nargs="+", default=[128, 512])
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16" if cuda else "fp32")
+    p.add_argument("--impl", nargs="+", choices=["eager", "compiled", "triton"],
+                   default=["eager", "compiled", "triton"] if cuda else ["eager", "compiled"])
+    p.add_argument("--passes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--once", action="store_true",
+                   help="one configuration, one timed call (for Nsight Compute / nsys)")
+    p.add_argument("--out", default=str(HERE / "results" / "loss.jsonl"))
+    args = p.parse_args(argv)
+    if args.once:
+        args.sizes, args.dims, args.impl = args.sizes[:1], args.dims[:1], args.impl[:1]
+        args.passes, args.warmup = args.passes[-1:], 1
+    device = "cuda" if cuda else "cpu"
+    ctx = context()
+    print(f"machine: {ctx['machine']}\nversions: {ctx['versions']}\ngit: {ctx['git']}")
+    if not cuda:
+        print("NOTE: no CUDA GPU: CPU figures (eager and compiled reference); the Triton kernel "
+              "and the targets need an H100/H200.")
+    rows = []
+    hdr = f"{'B':>6} {'M':>6} {'D':>4} {'pass':>8} {'impl':>9} {'median ms':>10} " \
+          f"{'p20':>9} {'p80':>9} {'TFLOP/s':>8} {'extra MB':>9}"
+    print(hdr)
+    fns = {impl: loss_fn(impl) for impl in args.impl}
+    for B in args.sizes:
+        M = args.m_factor * B
+        for D in args.dims:
+            inputs = make_inputs(B, M, D, DTYPES[args.dtype], device)
+            for ps in args.passes:
+                flops = (2 if ps == "fwd" else 6) * B * M * D
+                for impl in args.impl:
+                    try:
+                        times, peak = time_one(fns[impl], inputs, ps == "fwd+bwd", args, device)
+                    except torch.OutOfMemoryError:
+                        torch.cuda.empty_cache()
+                        print(f"{B:>6} {M:>6} {D:>4} {ps:>8} {impl:>9}   out of memory")
+                        rows.append(dict(ctx, bench="loss", B=B, M=M, D=D, dtype=args.dtype,
+                                         pass_=ps, impl=impl, oom=True))
+                        continue
+                    med = statistics.median(times)
+                    row = dict(ctx, bench="loss", device=device, B=B, M=M, D=D, dtype=args.dtype,
+                               pass_=ps, impl=impl, median_ms=round(med, 4),
+                               p20_ms=round(quantile(times, 0.2), 4),
+                               p80_ms=round(quantile(times, 0.8), 4), repeats=len(times),
+                               tflops=float(f"{flops / (med * 1e-3) / 1e12:.4g}"),
+                               extra_mem_mb=None if peak is None else round(peak, 1),
+                               flop_count="fwd 2BMD, fwd+bwd 6BMD")
+                    rows.append(row)
+                    print(f"{B:>6} {M:>6} {D:>4} {ps:>8} {impl:>9} {med:>10.3f} "
+                          f"{row['p20_ms']:>9.3f} {row['p80_ms']:>9.3f} {row['tflops']:>8.4g} "
+                          f"{'-' if peak is None else f'{peak:.1f}':>9}")
+            del inputs
+    # speed-ups of the kernel, per configuration, where all three ran
+    for r in rows:
+        if r.get("impl") == "triton" and "median_ms" in r:
+            base = {q["impl"]: q["median_ms"] for q in rows if "median_ms" in q and
+                    (q["B"], q["D"], q["pass_"]) == (r["B"], r["D"], r["pass_"])}
+            ratio = lambda k: float(f"{base[k] / r['median_ms']:.3g}") if k in base else None  # noqa
+            r["vs_eager"], r["vs_compiled"] = ratio("eager"), ratio("compiled")
+            print(f"triton B={r['B']} D={r['D']} {r['pass_']}: {r['vs_eager']}x eager, "
+                  f"{r['vs_compiled']}x compiled")
+    if not args.once:
+        write_rows(args.out, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
