@@ -23,3 +23,52 @@ def test_bench_loss_writes_rows(tmp_path, capsys):
     tri = [r for r in rows if r["impl"] == "triton"]
     assert all(r["vs_eager"] > 0 for r in tri)
     assert "median ms" in capsys.readouterr().out
+
+
+def test_bench_model_writes_rows_with_a_flop_count(tmp_path):
+    import bench_model
+
+    out = tmp_path / "model.jsonl"
+    assert bench_model.main(["--models", "tiny", "audio_tiny", "--batch-sizes", "2",
+                             "--frames", "8", "--size", "32", "--repeats", "2", "--warmup", "1",
+                             "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["tiny", "tiny", "audio_tiny"]   # channels_last on/off
+    for r in rows:
+        assert r["flops_per_step"] > 0 and r["clips_per_s"] > 0 and r["ms_per_step"] > 0
+        assert r["p20_ms"] <= r["ms_per_step"] <= r["p80_ms"]
+        assert r["mfu"] is None and r["machine"]["cuda"] is False
+    # forward+backward FLOPs of the tiny net: about 3x the forward's conv FLOPs, counted
+    # independently from the layer shapes
+    import torch
+    from fastavts.models.video import VIDEO_NETS
+    net = VIDEO_NETS["tiny"](time_bins=4)
+    x = torch.randn(2, 3, 8, 32, 32)
+    fwd = 0
+
+    def hook(m, inp, outp):
+        nonlocal fwd
+        k = m.weight.shape
+        fwd += 2 * outp.numel() * k[1] * k[2] * k[3] * k[4]
+    hs = [m.register_forward_hook(hook) for m in net.modules()
+          if isinstance(m, torch.nn.Conv3d)]
+    net(x)
+    for h in hs:
+        h.remove()
+    tiny = rows[0]["flops_per_step"]
+    assert 2.5 * fwd < tiny < 3.5 * fwd, (tiny, fwd)
+
+
+def test_bench_train_end_to_end_and_model_only_rows(prepared, tmp_path):
+    import bench_train
+
+    out = tmp_path / "train.jsonl"
+    assert bench_train.main(["--data", str(prepared), "--batch-size", "4", "--workers", "1",
+                             "--steps", "3", "--warmup", "1", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["loader"] for r in rows] == ["dali", "pyav"]
+    for r in rows:
+        assert r["steps"] == 3 and r["clips_per_s"] > 0 and r["model_only_clips_per_s"] > 0
+        assert 0 <= r["data_wait_share"] < 1
+        assert abs(r["ratio_to_model_only"] - r["clips_per_s"] / r["model_only_clips_per_s"]) < 0.01
+        assert "gpu_sm_util_median" not in r          # no GPU here: no counters, no crash
