@@ -31,7 +31,9 @@ setup(
         "tqdm>=4.66,<5",               # progress bars
         "tensorboard>=2.14,<3",        # training scalars (torch.utils.tensorboard)
         "nvidia-ml-py>=12,<14",        # GPU counters (NVML), fastavts/gpu_monitor.py
+        "scikit-learn>=1.3,<2",        # linear SVM probes (fastavts probe-audio)
     ],
-    extras_require={"test": ["pytest>=8,<10"]},
+    extras_require={"test": ["pytest>=8,<10", "matplotlib>=3.8,<4"],
+                    "bench": ["matplotlib>=3.8,<4"]},   # bench/plot.py
     entry_points={"console_scripts": ["fastavts=fastavts.cli:main"]},
 )

@@ -49,8 +49,12 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default="runs/ablate", help="run directories go under this")
     ap.add_argument("--data", default="data/demo", help="where the demo data are (made if not)")
     ap.add_argument("--out", default=str(HERE / "results" / "ablate.jsonl"))
+    ap.add_argument("--once", action="store_true",
+                    help="the first variant for one epoch, nothing recorded (for profilers)")
     ap.add_argument("overrides", nargs="*", help="extra section.key=value for every variant")
     args = ap.parse_args(argv)
+    if args.once:
+        args.only, args.epochs = args.only[:1], 1
 
     import torch
 
@@ -85,7 +89,8 @@ def main(argv=None) -> int:
         print(f"| {r['variant']} | {100 * r['sync_acc_easy']:.1f} % | "
               f"{100 * r['sync_acc_hard']:.1f} % | {r['auc_easy']:.3f} | {r['auc_hard']:.3f} | "
               f"{r['wall_s']:.0f} |")
-    write_rows(args.out, rows)
+    if not args.once:
+        write_rows(args.out, rows)
     return 0
 
 

@@ -29,8 +29,12 @@ def main() -> int:
     ap.add_argument("--range", type=int, default=10, help="true shifts drawn in [-range, range]")
     ap.add_argument("--max-shift", type=int, default=15, help="shifts searched")
     ap.add_argument("--clips", type=int, default=8)
+    ap.add_argument("--once", action="store_true",
+                    help="one video, nothing recorded (to point a profiler at)")
     ap.add_argument("--out", default=str(HERE / "results" / "offset.jsonl"))
     args = ap.parse_args()
+    if args.once:
+        args.videos = 1
 
     from fastavts.config import build_config
     from fastavts.data.synth import encode, generate_video
@@ -63,7 +67,8 @@ def main() -> int:
     print(f"offset: {res['within_1_frame']:.1%} within +-1 frame, {res['exact']:.1%} exact, mean "
           f"|error| {res['mean_abs_error_frames']} frames over {len(err)} videos "
           f"({res['failed']} failed), {res['wall_s']} s")
-    write_rows(args.out, [res])
+    if not args.once:
+        write_rows(args.out, [res])
     return 0
 
 

@@ -48,9 +48,7 @@ def setup(cfg, device):
 
     from fastavts.models.avts import AVTS
 
-    model = AVTS(cfg.model.video, cfg.model.audio, cfg.model.dim, cfg.model.normalize,
-                 classifier=cfg.loss.kind == "ce", tiny_width=cfg.model.tiny_width,
-                 time_bins=cfg.model.time_bins).to(device)
+    model = AVTS.from_config(cfg).to(device)
     if cfg.train.channels_last:
         model.video_net.to(memory_format=torch.channels_last_3d)
     net = torch.compile(model) if cfg.train.compile else model
@@ -150,7 +148,7 @@ def main(argv=None) -> int:
 
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--loader", nargs="+", choices=["dali", "pyav"], default=["dali", "pyav"])
+    p.add_argument("--loader", nargs="+", choices=["dali", "pyav", "memory"], default=["dali", "pyav"])
     p.add_argument("--data", help="a prepared set (default: a cached synthetic one)")
     p.add_argument("--videos", type=int, default=64 if cuda else 32)
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "fastavts_bench"))

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, build_config, describe
+from .data.audio_sets import LayoutError
 
 EPILOG_OVERRIDES = ("Any setting can be changed with section.key=value after the arguments, "
                     "e.g. prepare.workers=4 or data.fps=30; `fastavts info --config` lists them.")
@@ -178,6 +179,41 @@ def cmd_offset(args) -> int:
     return 0
 
 
+def cmd_probe_audio(args) -> int:
+    from .probe import probe_audio
+
+    r = probe_audio(args.checkpoint, args.dataset, args.root, layer=args.layer, c=args.C,
+                    scratch=args.scratch, cache_dir=args.cache, batch_size=args.batch_size,
+                    progress=not args.json)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['dataset']}: accuracy {100 * r['accuracy']:.1f} % (per fold "
+              f"{', '.join(f'{100 * a:.1f}' for a in r['fold_accuracy'])}), layer {r['layer']} "
+              f"({r['feature_dim']} features), {r['recordings']} recordings, {r['classes']} "
+              f"classes{', features from the cache' if r['features_cached'] else ''}")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from .finetune import finetune
+
+    _split_overrides(args)
+    r = finetune(args.checkpoint, args.dataset, args.root, args.prepared or args.root,
+                 args.split, scratch=args.scratch, epochs=args.epochs, lr=args.lr,
+                 batch_size=args.batch_size, clips_per_video=args.clips_per_video,
+                 eval_clips=args.eval_clips, out=args.out, overrides=args.overrides,
+                 progress=not args.json)
+    if args.json:
+        print(json.dumps(r))
+    elif "clip_accuracy" in r:
+        print(f"{r['dataset']} split {r['split']} ({'scratch' if r['scratch'] else 'pretrained'}): "
+              f"clip accuracy {100 * r['clip_accuracy']:.1f} %, video accuracy "
+              f"{100 * r['video_accuracy']:.1f} % on {r['test_videos']} test videos "
+              f"({r['left_out']} left out by prepare); run {r['run']}")
+    return 0
+
+
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -330,6 +366,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(func=cmd_offset)
 
+    p = sub.add_parser("probe-audio", help="linear SVM probe of the audio net (ESC-50, DCASE2014)",
+                       description="Features of the checkpoint's audio network (a layer's "
+                       "activations averaged over frequency, time and a recording's windows) and "
+                       "a linear SVM on the dataset's official folds: ESC-50 (ROOT/audio, "
+                       "ROOT/meta/esc50.csv; 5 folds), DCASE2014 scenes (ROOT/scenes_stereo, "
+                       "ROOT/scenes_stereo_testset; train/test), synth (a prepared synthetic set "
+                       "with one sounding object per video; 5 folds).")
+    p.add_argument("checkpoint", help="a checkpoint (runs/.../checkpoints/last.pt)")
+    p.add_argument("--dataset", required=True, choices=["esc50", "dcase2014", "synth"])
+    p.add_argument("root", help="the dataset's folder in its official layout")
+    p.add_argument("--layer", default="stage4", choices=["stage1", "stage2", "stage3", "stage4",
+                                                         "features", "embedding"],
+                   help="which activations (default stage4, the last conv stage)")
+    p.add_argument("--C", type=float, default=1.0, help="the SVM's regularisation constant")
+    p.add_argument("--scratch", action="store_true",
+                   help="probe a randomly initialised net of the same architecture instead")
+    p.add_argument("--cache", default=None,
+                   help="feature cache folder (default $FASTAVTS_CACHE/probe or ~/.cache/fastavts/probe)")
+    p.add_argument("--batch-size", type=int, default=256, help="windows per forward pass")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_probe_audio)
+
+    p = sub.add_parser("finetune", help="fine-tune the video net on UCF101 / HMDB51 splits",
+                       description="Initialise the video network from a checkpoint (or from "
+                       "scratch), add a classifier and train it on an official split: UCF101 "
+                       "(ROOT/ucfTrainTestlist: classInd.txt, trainlist0N.txt, testlist0N.txt), "
+                       "HMDB51 (ROOT/testTrainMulti_7030_splits/*_test_splitN.txt), synth (a "
+                       "prepared synthetic set with one sounding object per video). The videos "
+                       "are read from a set prepared with `fastavts prepare` (--prepared; "
+                       "prepare.require_audio=false keeps the silent ones). Reports clip and "
+                       "video accuracy on the split's test videos.")
+    p.add_argument("checkpoint", help="a pretraining checkpoint (runs/.../checkpoints/last.pt)")
+    p.add_argument("--dataset", required=True, choices=["ucf101", "hmdb51", "synth"])
+    p.add_argument("root", help="the folder holding the official split files (synth: the "
+                   "prepared set)")
+    p.add_argument("--prepared", help="the prepared videos (default: ROOT)")
+    p.add_argument("--split", type=int, default=1, choices=[1, 2, 3])
+    p.add_argument("--scratch", action="store_true", help="random initialisation (baseline)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--clips-per-video", type=int, default=4, help="training clips per video "
+                   "and epoch")
+    p.add_argument("--eval-clips", type=int, default=10, help="test clips per video")
+    p.add_argument("--out", help="run directory (default runs/finetune-...)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.set_defaults(func=cmd_finetune)
+
     p = sub.add_parser("info", help="versions, machine, and a prepared dataset's summary",
                        description="Print library versions and the machine; with DATASET, a "
                        "summary of a prepared dataset; with --config, every setting.")
@@ -356,7 +441,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, LayoutError) as e:
         print(f"fastavts {args.command}: error: {e}", file=sys.stderr)
         return 2
 

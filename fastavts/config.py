@@ -117,6 +117,9 @@ class PrepareConfig:
     timeout_s: float = _f(900.0, "give up on one input after this many seconds", min=1.0)
     min_audio_peak_db: float = _f(-60.0, "reject audio tracks whose peak is below this (dBFS)",
                                   max=0.0)
+    require_audio: bool = _f(True, "reject videos without usable sound (sync learning needs "
+                             "it); false keeps them, silent, for fine-tuning sets (UCF101, "
+                             "HMDB51 have many)")
     label_from: str = _f("auto", "where labels come from: auto (CSV column, else sidecar "
                          "<video>.json), csv, sidecar, folder (parent folder name), none",
                          choices=("auto", "csv", "sidecar", "folder", "none"))
@@ -149,9 +152,13 @@ class SamplerConfig:
 
 @dataclass
 class LoaderConfig:
-    """How batches are decoded: DALI (GPU, or CPU without one) or the PyAV baseline."""
+    """How batches are decoded: DALI (GPU, or CPU without one), the PyAV baseline, or from
+    frames decoded once and kept in memory (small sets on a CPU)."""
     kind: str = _f("dali", "dali: fn.decoders.video + DALI log-mel; pyav: torch DataLoader "
-                   "workers decoding with PyAV, log-mel in PyTorch", choices=("dali", "pyav"))
+                   "workers decoding with PyAV, log-mel in PyTorch; memory: each video decoded "
+                   "once (PyAV) and kept in RAM, batches cut from it in the training process "
+                   "(small sets on a CPU, where decoding would take the cores the model needs)",
+                   choices=("dali", "pyav", "memory"))
     device: str = _f("auto", "where DALI runs: gpu (mixed decoding, needs H.264/HEVC/VP9 and a "
                      "GPU), cpu (VP8/VP9/MJPEG only), auto = gpu if one is visible",
                      choices=("auto", "gpu", "cpu"))
@@ -161,6 +168,8 @@ class LoaderConfig:
     threads: int = _f(2, "DALI CPU threads per pipeline", min=1)
     prefetch: int = _f(2, "batches prepared ahead", min=1)
     max_faults: int = _f(100, "stop after this many undecodable samples in one epoch", min=0)
+    memory_gb: float = _f(8.0, "loader.kind=memory: refuse sets whose decoded frames would "
+                          "take more than this many GiB of RAM", min=0.0)
 
 
 @dataclass
@@ -204,8 +213,9 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "clip the gradient norm to this; 0 = off", min=0.0)
     precision: str = _f("auto", "auto = bf16 autocast on a GPU, fp32 on CPU; fp16 uses a "
                         "grad scaler", choices=("auto", "bf16", "fp16", "fp32"))
-    channels_last: bool = _f(True, "channels_last_3d memory format for the video tower "
-                             "(measured 13 % faster for the tiny net on the 2-core CPU too)")
+    channels_last: bool = _f(True, "channels_last_3d memory format for the video tower (cuDNN's "
+                             "fast 3D layout; the CPU demo turns it off: 15 % slower for the "
+                             "tiny net on the 2-core CPU)")
     compile: bool = _f(False, "torch.compile the model")
     ckpt_every: int = _f(200, "write a checkpoint every n steps (and at the end)", min=1)
     keep_last: int = _f(3, "checkpoints kept (last.pt always points at the newest)", min=1)

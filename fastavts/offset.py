@@ -27,9 +27,7 @@ def load_model(checkpoint: str | Path, device):
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cfg = build_config(None, (), extra=yaml.safe_load(state["config"]))
-    m = cfg.model
-    model = AVTS(m.video, m.audio, m.dim, m.normalize, classifier=cfg.loss.kind == "ce",
-                 tiny_width=m.tiny_width, time_bins=m.time_bins)
+    model = AVTS.from_config(cfg)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg
 

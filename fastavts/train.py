@@ -186,9 +186,7 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
     # --- data, model, optimizer, schedule
     loader = make_loader(cfg, tc.data, mode="train", rank=rank, world_size=world,
                          total_epochs=tc.epochs)
-    model = AVTS(cfg.model.video, cfg.model.audio, cfg.model.dim, cfg.model.normalize,
-                 classifier=cfg.loss.kind == "ce", tiny_width=cfg.model.tiny_width,
-                 time_bins=cfg.model.time_bins).to(device)
+    model = AVTS.from_config(cfg).to(device)
     if tc.channels_last:  # NDHWC: cuDNN's fast 3D layout; also 13 % faster on the CPU here
         model.video_net.to(memory_format=torch.channels_last_3d)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -239,6 +237,8 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
             return _NvtxAndRecord(name)
         return torch.profiler.record_function(name)
 
+    if ranges:
+        loader.range = rng_   # "decode" and "audio_features" inside the loader's "data"
     prof = None
     if tc.profile and is_main:
         w, wu, act = (int(x) for x in tc.profile_steps)

@@ -49,3 +49,22 @@ def media_dir():
         pytest.fail(f"real test media not found at {MEDIA}: CI and development checkouts have "
                     f"../shared/media beside the repository; set FASTAVTS_MEDIA to another copy")
     return MEDIA
+
+
+TINY = ["model.video=tiny", "model.audio=tiny", "model.time_bins=4", "data.clip_frames=8",
+        "data.frame_stride=4", "data.crop=48", "loader.kind=memory", "loader.batch_size=8",
+        "train.channels_last=false"]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny model saved in the trainer's checkpoint format (random weights, seeded), with the
+    CPU demo's clip geometry (8 frames every 4th, 48-px crops)."""
+    from fastavts.config import build_config, to_yaml
+    from fastavts.models.avts import AVTS
+
+    cfg = build_config(overrides=TINY)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "last.pt"
+    torch.save(dict(model=AVTS.from_config(cfg).state_dict(), config=to_yaml(cfg)), path)
+    return path

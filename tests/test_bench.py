@@ -72,3 +72,35 @@ def test_bench_train_end_to_end_and_model_only_rows(prepared, tmp_path):
         assert 0 <= r["data_wait_share"] < 1
         assert abs(r["ratio_to_model_only"] - r["clips_per_s"] / r["model_only_clips_per_s"]) < 0.01
         assert "gpu_sm_util_median" not in r          # no GPU here: no counters, no crash
+
+
+def test_plot_draws_one_chart_per_kind_and_machine(tmp_path, capsys):
+    import bench_loss
+    import bench_model
+    import plot
+
+    res = tmp_path / "results"
+    assert bench_model.main(["--models", "audio_tiny", "--batch-sizes", "2", "3", "--repeats",
+                             "2", "--warmup", "1", "--out", str(res / "model.jsonl")]) == 0
+    assert bench_loss.main(["--sizes", "8", "16", "--dims", "4", "--impl", "eager", "--repeats",
+                            "2", "--warmup", "1", "--out", str(res / "loss.jsonl")]) == 0
+    # loader rows of two machines (a GPU one as bench_data.py writes it) and a damaged line
+    gpu = {"cuda": True, "gpu": "NVIDIA H100 80GB HBM3", "cpu_count": 16}
+    import os
+    cpu = {"cuda": False, "cpu_count": os.cpu_count()}
+    rows = [dict(bench="data", loader=k, device=d, batch_size=8, workers=2, pairs="paired",
+                 clips_per_s_median=m, clips_per_s_min=m - 1, clips_per_s_max=m + 1,
+                 machine=mach, date="2026-11-26 10:00:00")
+            for k, d, m, mach in [("dali", "gpu", 900.0, gpu), ("pyav", "cpu", 90.0, gpu),
+                                  ("dali", "cpu", 150.0, cpu)]]
+    (res / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "{oops\n")
+    assert plot.main(["--results", str(res), "--out", str(tmp_path / "plots")]) == 0
+    made = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    here = f"cpu_{os.cpu_count()}_cores"
+    assert made == [f"loaders_{here}.png", "loaders_nvidia_h100_80gb_hbm3.png",
+                    f"loss_{here}.png", f"model_{here}.png"], made
+    import matplotlib.image
+    for name in made:
+        img = matplotlib.image.imread(tmp_path / "plots" / name)
+        assert img.shape[0] > 200 and img.shape[1] > 400 and img.std() > 0.01  # not blank
+    assert "not JSON" in capsys.readouterr().err

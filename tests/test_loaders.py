@@ -117,7 +117,7 @@ def test_positive_windows_sound_where_the_clip_shows_impacts(one_object, kind):
     assert hard[:, 0].mean() < 0.5            # shifted >= 0.5 s: coincidences only
 
 
-@pytest.mark.parametrize("kind", ["dali", "pyav"])
+@pytest.mark.parametrize("kind", ["dali", "pyav", "memory"])
 def test_a_damaged_file_mid_epoch_is_skipped_and_counted(one_object, tmp_path, kind):
     root = tmp_path / "prepared"
     shutil.copytree(one_object, root)
@@ -136,7 +136,7 @@ def test_a_damaged_file_mid_epoch_is_skipped_and_counted(one_object, tmp_path, k
     assert L.fault_log[0]["video"] == victim["id"] and "Invalid data" in L.fault_log[0]["error"]
 
 
-@pytest.mark.parametrize("kind", ["dali", "pyav"])
+@pytest.mark.parametrize("kind", ["dali", "pyav", "memory"])
 def test_a_resumed_loader_continues_with_the_same_batches(one_object, kind):
     L = loader(one_object, kind)
     it = L.epoch(2)
@@ -197,3 +197,33 @@ def test_segmented_files_give_the_same_batches_in_both_loaders(segmented):
         assert (a["video"] - b["video"]).abs().mean() < 0.04  # YUV->RGB rounding only
         assert (a["audio"] - b["audio"]).abs().max() < 0.02
     assert n == len(dali)
+
+
+@pytest.mark.parametrize("root", ["one_object", "segmented"])
+def test_memory_loader_gives_the_pyav_batches_bit_for_bit(root, request):
+    """Whole videos decoded once and sliced = each clip decoded from its keyframe (PyAV both)."""
+    root = request.getfixturevalue(root)
+    extra = ["sampler.pairs=inbatch", "sampler.k=2", "sampler.curriculum=[[0,0.5]]"]
+    mem, pyav = loader(root, "memory", *extra), loader(root, "pyav", *extra)
+    for epoch in (0, 3):
+        n = 0
+        for a, b in zip(mem.epoch(epoch), pyav.epoch(epoch)):
+            n += 1
+            for k in META:
+                assert torch.equal(a[k], b[k]), k
+            assert a["video"].shape == (6, 3, 16, 112, 112)
+            assert torch.equal(a["video"], b["video"]) and torch.equal(a["audio"], b["audio"])
+        assert n == len(mem) == len(pyav) > 0
+    # every video decoded once, then served from memory
+    ds = Dataset.open(root)
+    assert set(mem.cache.videos) == {v["id"] for v in ds.videos}
+    assert mem.cache.nbytes == sum(v["num_frames"] * v["height"] * v["width"] * 3
+                                   for v in ds.videos)
+
+
+def test_memory_loader_refuses_a_set_larger_than_its_limit(one_object):
+    ds = Dataset.open(one_object)
+    need = sum(v["num_frames"] * v["height"] * v["width"] * 3 for v in ds.videos) / 2**30
+    with pytest.raises(MemoryError, match=r"loader.memory_gb=.*loader.kind=dali"):
+        loader(one_object, "memory", f"loader.memory_gb={need * 0.9}")
+    loader(one_object, "memory", f"loader.memory_gb={need * 1.1}")   # just fits: accepted

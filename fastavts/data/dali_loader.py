@@ -178,7 +178,10 @@ class DALILoader(BaseLoader):
         b = start
         while b < len(self.sampler):
             try:
-                (vout,), (aout,) = next(self._its[0]), next(self._its[1])
+                with self.range("decode"):          # the video pipeline's batch
+                    (vout,) = next(self._its[0])
+                with self.range("audio_features"):  # the log-mel pipeline's batch
+                    (aout,) = next(self._its[1])
             except StopIteration:
                 break
             except RuntimeError as e:  # a clip DALI cannot decode: find it, exclude, restart

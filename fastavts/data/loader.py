@@ -8,8 +8,8 @@
             ...              # label, kind, clip_video, clip_t0, audio_video, audio_t0,
                              # audio_owner (M or B,), hard_share, faults
 
-`loader.kind` is "dali" or "pyav" (config `loader.kind`); both take the same plans and give
-the same layout. `loader.state_dict()` saves the position (the sampler's), so a resumed run
+`loader.kind` is "dali", "pyav" or "memory" (frames decoded once and kept in RAM; small sets
+on a CPU); all take the same plans and give the same layout. `loader.state_dict()` saves the position (the sampler's), so a resumed run
 continues at the next batch. A clip that cannot be decoded is replaced by another clip of the
 same batch (with its audio windows) and counted in `batch["faults"]` and `loader.faults`.
 """
@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -74,15 +75,25 @@ class BaseLoader(ABC):
     kind = "base"
 
     def __init__(self, cfg: Config, root: str | Path, *, mode: str = "train", rank: int = 0,
-                 world_size: int = 1, total_epochs: int = 1):
+                 world_size: int = 1, total_epochs: int = 1,
+                 videos: Optional[Sequence[str]] = None):
         self.cfg, self.root, self.mode = cfg, Path(root), mode
         self.total_epochs = total_epochs
         self.dataset = Dataset.open(root)
-        self.sampler = Sampler(self.dataset.videos, cfg.data, cfg.sampler, cfg.loader.batch_size,
+        records = self.dataset.videos
+        if videos is not None:   # a subset (a split of a labelled set), in the order given
+            missing = [v for v in videos if v not in self.dataset.by_id]
+            if missing:
+                raise KeyError(f"{len(missing)} videos are not in {root}, e.g. {missing[:3]}")
+            records = [self.dataset.by_id[v] for v in videos]
+        self.sampler = Sampler(records, cfg.data, cfg.sampler, cfg.loader.batch_size,
                                mode=mode, rank=rank, world_size=world_size,
                                total_epochs=total_epochs)
         self.video_ids = [v["id"] for v in self.sampler.videos]
         self.faults = Counter()          # video id -> undecodable clips, this run
+        # named ranges around decoding and the audio features, for the profiler / Nsight
+        # (the trainer sets this with train.profile or train.nvtx); PyAV workers have none
+        self.range = lambda name: nullcontext()
         self.fault_log: list[dict] = []  # (epoch, batch, video, error)
 
     def __len__(self) -> int:
@@ -147,14 +158,20 @@ def dist_rank_world() -> tuple[int, int]:
 
 def make_loader(cfg: Config, root: str | Path, *, mode: str = "train",
                 rank: Optional[int] = None, world_size: Optional[int] = None,
-                total_epochs: int = 1, device: Optional[str] = None):
+                total_epochs: int = 1, device: Optional[str] = None,
+                videos: Optional[Sequence[str]] = None):
     """The loader named by cfg.loader.kind, for this rank's shard (one per rank: under
-    torchrun each process makes its own, and DALI runs on the GPU of LOCAL_RANK)."""
+    torchrun each process makes its own, and DALI runs on the GPU of LOCAL_RANK). `videos`:
+    only these video ids of the set (default all)."""
     r, w = dist_rank_world()
     kw = dict(mode=mode, rank=r if rank is None else rank,
-              world_size=w if world_size is None else world_size, total_epochs=total_epochs)
+              world_size=w if world_size is None else world_size, total_epochs=total_epochs,
+              videos=videos)
     if cfg.loader.kind == "pyav":
         from .pyav_loader import PyAVLoader
         return PyAVLoader(cfg, root, **kw)
+    if cfg.loader.kind == "memory":
+        from .memory_loader import MemoryLoader
+        return MemoryLoader(cfg, root, **kw)
     from .dali_loader import DALILoader
     return DALILoader(cfg, root, device=device, **kw)

@@ -374,14 +374,16 @@ def _process(job: dict) -> dict:
         vstreams = [s for s in container.streams.video if not _is_cover_art(s)]
         if not vstreams:
             raise Reject("no video stream (an audio-only or non-video file)")
-        if not container.streams.audio:
-            raise Reject("no audio stream: sync learning needs the sound track")
+        if not container.streams.audio and p["require_audio"]:
+            raise Reject("no audio stream: sync learning needs the sound track (set "
+                         "prepare.require_audio=false to keep video-only files for fine-tuning)")
         vs = container.streams.best("video")
         if vs is None or vs not in vstreams:
             vs = max(vstreams, key=lambda s: (s.codec_context.width or 0) * (s.codec_context.height or 0))
-        as_ = container.streams.best("audio")
+        as_ = container.streams.best("audio") if container.streams.audio else None
         for s in (vs, as_):
-            s.codec_context.thread_count = 1
+            if s is not None:
+                s.codec_context.thread_count = 1
         codec = p["codec"]
         ext = "mp4" if codec == "h264" else "webm"
         crf = p["crf"] if p["crf"] >= 0 else DEFAULT_CRF[codec]
@@ -437,7 +439,7 @@ def _process(job: dict) -> dict:
             pcm.extend(r.to_ndarray().reshape(-1) for r in resampler.resample(f))
             a_in += f.samples
 
-        packets = container.demux(vs, as_)
+        packets = container.demux(*(x for x in (vs, as_) if x is not None))
         while True:
             try:
                 packet = next(packets)
@@ -474,11 +476,12 @@ def _process(job: dict) -> dict:
                     container.duration / 1e6 if container.duration else None)
         src_rate = vs.average_rate or vs.guessed_rate
         info = dict(  # read now: stream objects are not valid once the container is closed
-            video_stream=vs.index, audio_stream=as_.index, video_codec=vs.codec_context.name,
-            audio_codec=as_.codec_context.name, width=writer.src_size[0],
+            video_stream=vs.index, audio_stream=as_.index if as_ else None,
+            video_codec=vs.codec_context.name,
+            audio_codec=as_.codec_context.name if as_ else None, width=writer.src_size[0],
             height=writer.src_size[1], rotation=writer.source_rotation,
             fps=round(float(src_rate), 4) if src_rate else None,
-            audio_channels=len(as_.codec_context.layout.channels))
+            audio_channels=len(as_.codec_context.layout.channels) if as_ else 0)
 
     if declared and duration_src < declared - max(0.5, 0.1 * declared):
         warnings.append(f"decoded {duration_src:.2f} s of the {declared:.2f} s the container "
@@ -504,19 +507,23 @@ def _process(job: dict) -> dict:
         reject(f"too short: {_fmt_s(duration)} of video, one clip needs {_fmt_s(clip_s)} "
                f"({d['clip_frames']} frames x stride {d['frame_stride']} at {fps:g} fps)")
     audio = np.concatenate(pcm) if pcm else np.zeros(0, np.int16)
-    if len(audio) == 0:
-        reject("the audio stream has no decodable sound")
-    peak = int(np.abs(audio.astype(np.int32)).max())
+    peak = int(np.abs(audio.astype(np.int32)).max()) if len(audio) else 0
     peak_db = 20 * math.log10(peak / 32768) if peak else -math.inf
-    if peak_db < p["min_audio_peak_db"]:
-        reject(f"silent audio track (peak {peak_db:.1f} dBFS, below "
-               f"prepare.min_audio_peak_db={p['min_audio_peak_db']:g})")
-    audio_start = a0 - first_t     # seconds from the first frame to the first sample
-    audio_end = audio_start + len(audio) / sr
-    overlap = min(audio_end, duration) - max(audio_start, 0.0)
-    if overlap < clip_s - 1e-9:
-        reject(f"audio overlaps only {_fmt_s(max(overlap, 0))} of the {_fmt_s(duration)} video; "
-               f"one clip needs {_fmt_s(clip_s)}")
+    audio_start = (a0 - first_t) if a0 is not None else 0.0  # from the first frame to the sound
+    if p["require_audio"]:
+        if len(audio) == 0:
+            reject("the audio stream has no decodable sound")
+        if peak_db < p["min_audio_peak_db"]:
+            reject(f"silent audio track (peak {peak_db:.1f} dBFS, below "
+                   f"prepare.min_audio_peak_db={p['min_audio_peak_db']:g})")
+        audio_end = audio_start + len(audio) / sr
+        overlap = min(audio_end, duration) - max(audio_start, 0.0)
+        if overlap < clip_s - 1e-9:
+            reject(f"audio overlaps only {_fmt_s(max(overlap, 0))} of the {_fmt_s(duration)} "
+                   f"video; one clip needs {_fmt_s(clip_s)}")
+    elif len(audio) == 0:
+        warnings.append("no sound (kept: prepare.require_audio=false); its clips have silent "
+                        "audio windows")
 
     audio_path = work / f"{vid}.pcm"
     audio.astype("<i2").tofile(audio_path)
@@ -530,8 +537,9 @@ def _process(job: dict) -> dict:
         audio_duration=round(len(audio) / sr, 6), sample_rate=sr,
         source_info=dict(
             info, vfr=_is_vfr(writer.intervals), duration=round(duration_src, 4),
-            first_video_time=round(first_t, 6), first_audio_time=round(a0, 6), audio_rate=a_rate,
-            audio_peak_db=round(peak_db, 2), bytes=size),
+            first_video_time=round(first_t, 6),
+            first_audio_time=round(a0, 6) if a0 is not None else None, audio_rate=a_rate,
+            audio_peak_db=round(peak_db, 2) if peak else None, bytes=size),
         warnings=warnings,
     )
     if job.get("meta"):

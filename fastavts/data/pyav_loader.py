@@ -3,6 +3,7 @@ compute the log-mel in PyTorch (features.py). It is the comparison row of the be
 the debugging path; it produces the same batches as the DALI loader from the same plans."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Iterator
 
 import numpy as np
@@ -40,29 +41,34 @@ class _PlannedBatches:
                            self._logmel)
 
 
-def build_batch(ds, videos: list[dict], plan: dict, d, geo: AudioGeometry, logmel) -> dict:
-    """Decode and transform one planned batch (the reference path)."""
+def build_batch(ds, videos: list[dict], plan: dict, d, geo: AudioGeometry, logmel,
+                rng=None) -> dict:
+    """Decode and transform one planned batch (the reference path). `rng(name)`: an optional
+    named-range context (profiler / NVTX) around decoding and the audio features."""
     import torch
 
+    rng = rng or (lambda name: nullcontext())
     T, s = d.clip_frames, d.frame_stride
     clips, bad = {}, {}
-    for i, vi in enumerate(plan["clip_video"]):
-        v = videos[vi]
-        idx = plan["clip_frame"][i] + s * np.arange(T)
-        try:
-            frames = ds.frames(v["id"], idx)
-            clips[i] = video_transform(frames, int(plan["crop_y"][i]), int(plan["crop_x"][i]),
-                                       d.crop, bool(plan["flip"][i]), d.mean, d.std)
-        except Exception as e:  # a damaged file: replaced below, counted by the parent
-            bad[i] = f"{type(e).__name__}: {e}"
-    if bad:
-        plan = substitute(plan, set(bad))
-        for i, j in plan["donor"].items():
-            clips[i] = clips[j]
-    video = torch.stack([clips[i] for i in range(len(clips))])
-    windows = np.stack([audio_window(ds.bank, videos[vi], t, geo)
-                        for vi, t in zip(plan["audio_video"], plan["audio_t0"])])
-    audio = logmel(torch.from_numpy(windows))
+    with rng("decode"):
+        for i, vi in enumerate(plan["clip_video"]):
+            v = videos[vi]
+            idx = plan["clip_frame"][i] + s * np.arange(T)
+            try:
+                frames = ds.frames(v["id"], idx)
+                clips[i] = video_transform(frames, int(plan["crop_y"][i]), int(plan["crop_x"][i]),
+                                           d.crop, bool(plan["flip"][i]), d.mean, d.std)
+            except Exception as e:  # a damaged file: replaced below, counted by the parent
+                bad[i] = f"{type(e).__name__}: {e}"
+        if bad:
+            plan = substitute(plan, set(bad))
+            for i, j in plan["donor"].items():
+                clips[i] = clips[j]
+        video = torch.stack([clips[i] for i in range(len(clips))])
+    with rng("audio_features"):
+        windows = np.stack([audio_window(ds.bank, videos[vi], t, geo)
+                            for vi, t in zip(plan["audio_video"], plan["audio_t0"])])
+        audio = logmel(torch.from_numpy(windows))
     out = dict(video=video, audio=audio, **plan_meta(plan))
     out["fault_errors"] = {int(i): e for i, e in bad.items()}
     return out

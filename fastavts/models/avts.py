@@ -42,6 +42,13 @@ class AVTS(nn.Module):
         self.classifier = nn.Sequential(nn.Linear(c, 512), nn.ReLU(inplace=True),
                                         nn.Linear(512, 2)) if classifier else None
 
+    @classmethod
+    def from_config(cls, cfg) -> "AVTS":
+        """The model a resolved config describes (cfg.model; the classifier for loss.kind=ce)."""
+        m = cfg.model
+        return cls(m.video, m.audio, m.dim, m.normalize, classifier=cfg.loss.kind == "ce",
+                   tiny_width=m.tiny_width, time_bins=m.time_bins)
+
     def embed_video(self, clip):
         f = self.video_net(clip)
         v = self.video_proj(f)

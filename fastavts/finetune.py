@@ -1,0 +1,176 @@
+"""`fastavts finetune CHECKPOINT --dataset ucf101|hmdb51|synth ROOT --prepared DIR --split N`:
+the pretrained video network, a new classifier, trained on an action recognition split.
+
+    split files (official format, data/action_sets.py) -> video ids of the prepared set
+    -> the trainer's loader (loader.kind: DALI / PyAV / memory; train mode: random clip starts,
+       crops, flips) -> video net from the checkpoint (or freshly initialised: --scratch)
+       -> dropout -> linear classifier -> cross-entropy
+    -> AdamW, warm-up + cosine, bf16 autocast on a GPU, channels_last_3d, DDP under torchrun,
+       an atomic checkpoint at the end (<out>/checkpoints/last.pt)
+    -> test videos: `eval_clips` evenly spaced centre-cropped clips each; clip accuracy, and
+       video accuracy from the mean of each video's clip softmaxes
+
+The clip geometry (frames, stride, crop) is the checkpoint's: the network was built for it.
+The loader also cuts the audio windows of its pair plans; fine-tuning ignores them.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+
+
+def finetune(checkpoint: str | Path, dataset: str, root: str | Path, prepared: str | Path,
+             split: int = 1, *, scratch: bool = False, epochs: int = 10, lr: float = 1e-3,
+             batch_size: int | None = None, clips_per_video: int = 4, eval_clips: int = 10,
+             out: str | Path | None = None, overrides=(), progress: bool = True) -> dict:
+    import torch
+    import yaml
+    from torch import nn
+    from tqdm import tqdm
+
+    from .config import build_config, save_config, to_yaml
+    from .data.action_sets import match_prepared, read_split
+    from .data.loader import make_loader
+    from .models.avts import AVTS
+    from .offset import load_model
+    from .train import lr_factor, resolve_auto, save_checkpoint
+
+    t_start = time.perf_counter()
+    split_def = read_split(dataset, root, split, prepared)
+    ids = match_prepared(split_def, prepared)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    cuda = torch.cuda.is_available()
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+
+    pre, ckpt_cfg = load_model(checkpoint, "cpu")
+    over = ["sampler.pairs=paired", "sampler.curriculum=[[0.0,0.0]]",
+            "sampler.curriculum_unit=step", f"sampler.clips_per_video={clips_per_video}",
+            f"train.epochs={epochs}", f"train.lr={lr}", *overrides]
+    if batch_size:
+        over.append(f"loader.batch_size={batch_size}")
+    cfg = build_config(None, over, extra=yaml.safe_load(to_yaml(ckpt_cfg)))
+    if cfg.loader.device == "gpu" and not cuda:
+        cfg.loader.device = "cpu"
+    cfg = resolve_auto(cfg, cuda)
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    if scratch:
+        video_net = AVTS.from_config(cfg).video_net     # the pretraining's initialisation
+    else:
+        video_net = pre.video_net
+    n_classes = len(split_def.classes)
+    model = nn.Sequential(video_net, nn.Dropout(0.5),
+                          nn.Linear(video_net.out_dim, n_classes)).to(device)
+    if tc.channels_last:
+        video_net.to(memory_format=torch.channels_last_3d)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if tc.compile:
+        net = torch.compile(net)
+
+    train_ids = [v for v, _ in ids["train"]]
+    label_of = dict(ids["train"] + ids["test"])
+    loader = make_loader(cfg, prepared, mode="train", rank=rank, world_size=world,
+                         total_epochs=epochs, videos=train_ids)
+    labels = torch.tensor([label_of[v["id"]] for v in loader.sampler.videos])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=tc.weight_decay, fused=cuda)
+    total = epochs * len(loader)
+    warm = max(1, int(tc.warmup * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
+    run = Path(out) if out else Path("runs") / f"finetune-{dataset}-s{split}-" \
+        f"{'scratch' if scratch else 'pretrained'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run / "config.yaml",
+                    header=f"# resolved config of: fastavts finetune {checkpoint} --dataset "
+                           f"{dataset} --split {split}{' --scratch' if scratch else ''}")
+
+    bar = tqdm(total=total, desc="finetune", unit="step", disable=not (progress and rank == 0))
+    losses, clips, step = [], 0, 0
+    t0 = time.perf_counter()
+    model.train()
+    for epoch in range(epochs):
+        for batch in loader.epoch(epoch):
+            video = batch["video"].to(device, non_blocking=True)
+            if tc.channels_last:
+                video = video.contiguous(memory_format=torch.channels_last_3d)
+            y = labels[batch["clip_video"]].to(device)
+            with autocast():
+                loss = nn.functional.cross_entropy(net(video).float(), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if tc.grad_clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            step += 1
+            clips += len(y) * world
+            losses.append(float(loss.item()))
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    bar.close()
+    train_s = time.perf_counter() - t0
+    loader.close()
+    if rank == 0:
+        save_checkpoint(run / "checkpoints", step, dict(
+            model=model.state_dict(), classes=split_def.classes, config=to_yaml(cfg),
+            pretrained_from=None if scratch else str(checkpoint), step=step), tc.keep_last)
+
+    result = dict(dataset=dataset, split=split, scratch=scratch, checkpoint=str(checkpoint),
+                  classes=n_classes, train_videos=len(train_ids), test_videos=len(ids["test"]),
+                  left_out=len(ids["left_out"]), epochs=epochs, steps=step,
+                  final_loss=round(float(np.mean(losses[-10:])), 4) if losses else None,
+                  clips_per_s=round(clips / train_s, 1) if train_s else None)
+    if rank == 0:
+        result.update(evaluate_clips(model, cfg, prepared, [v for v, _ in ids["test"]], label_of,
+                                     device, autocast, eval_clips))
+        result["wall_s"] = round(time.perf_counter() - t_start, 1)
+        (run / "metrics.json").write_text(json.dumps(result, indent=1))
+        result["run"] = str(run)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def evaluate_clips(model, cfg, prepared, test_ids: list[str], label_of: dict, device, autocast,
+                   clips_per_video: int) -> dict:
+    """Clip accuracy and video accuracy (mean softmax over a video's clips) on test videos."""
+    import torch
+
+    from .data.loader import make_loader
+
+    c = copy.deepcopy(cfg)
+    c.sampler.clips_per_video = clips_per_video
+    loader = make_loader(c, prepared, mode="eval", rank=0, world_size=1, videos=test_ids)
+    vids = [v["id"] for v in loader.sampler.videos]
+    probs = {i: [] for i in range(len(vids))}
+    correct = n = 0
+    model.eval()
+    try:
+        with torch.no_grad(), autocast():
+            for b in loader.epoch(0):
+                p = model(b["video"].to(device)).float().softmax(1).cpu()
+                for vi, row in zip(b["clip_video"].tolist(), p):
+                    probs[vi].append(row)
+                    correct += int(row.argmax()) == label_of[vids[vi]]
+                    n += 1
+    finally:
+        loader.close()
+        model.train()
+    per_video = [int(torch.stack(ps).mean(0).argmax()) == label_of[vids[vi]]
+                 for vi, ps in probs.items() if ps]
+    return dict(clip_accuracy=round(correct / max(1, n), 4),
+                video_accuracy=round(float(np.mean(per_video)), 4), test_clips=n)
