@@ -148,7 +148,8 @@ def main(argv=None) -> int:
 
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--loader", nargs="+", choices=["dali", "pyav", "memory"], default=["dali", "pyav"])
+    p.add_argument("--loader", nargs="+", default=["dali", "pyav"],
+                   help="dali, pyav and/or memory")
     p.add_argument("--data", help="a prepared set (default: a cached synthetic one)")
     p.add_argument("--videos", type=int, default=64 if cuda else 32)
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "fastavts_bench"))
@@ -160,6 +161,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(HERE / "results" / "train.jsonl"))
     p.add_argument("overrides", nargs="*", help="section.key=value for the training config")
     args = p.parse_args(argv)
+    # section.key=value words after --loader land in its list: move them to the overrides
+    args.overrides += [x for x in args.loader if "=" in x]
+    args.loader = [x for x in args.loader if "=" not in x]
+    bad = [x for x in args.loader if x not in ("dali", "pyav", "memory")]
+    if bad or not args.loader:
+        p.error(f"--loader takes dali, pyav and/or memory, got {bad or 'nothing'}")
     if args.once:
         args.loader, args.warmup, args.steps = args.loader[:1], 3, 5
     device = torch.device("cuda" if cuda else "cpu")

@@ -139,7 +139,9 @@ def plot_loaders(data_rows, train_rows, machine, out: Path) -> Path:
         ax.set_xticks(list(x), [f"{r['loader']}\n{r.get('model', '')}" for r in train_rows],
                       fontsize=8)
         ax.set_ylabel("training clips/s")
-        ax.legend(fontsize=8)
+        top = max(max(r["clips_per_s"], r["model_only_clips_per_s"]) for r in train_rows)
+        ax.set_ylim(0, 1.3 * top)                  # room for the legend above the bars
+        ax.legend(fontsize=8, ncol=2, loc="upper center")
         ax.set_title("bench_train.py: end to end / model only", fontsize=10)
     fig.suptitle(f"loaders on {machine}")
     fig.tight_layout()

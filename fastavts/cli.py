@@ -204,9 +204,11 @@ def cmd_finetune(args) -> int:
                  batch_size=args.batch_size, clips_per_video=args.clips_per_video,
                  eval_clips=args.eval_clips, out=args.out, overrides=args.overrides,
                  progress=not args.json)
+    if int(os.environ.get("RANK", 0)) != 0:   # under torchrun: rank 0 reports
+        return 0
     if args.json:
         print(json.dumps(r))
-    elif "clip_accuracy" in r:
+    else:
         print(f"{r['dataset']} split {r['split']} ({'scratch' if r['scratch'] else 'pretrained'}): "
               f"clip accuracy {100 * r['clip_accuracy']:.1f} %, video accuracy "
               f"{100 * r['video_accuracy']:.1f} % on {r['test_videos']} test videos "

@@ -39,7 +39,7 @@ def finetune(checkpoint: str | Path, dataset: str, root: str | Path, prepared: s
     from .data.loader import make_loader
     from .models.avts import AVTS
     from .offset import load_model
-    from .train import lr_factor, resolve_auto, save_checkpoint
+    from .train import lr_factor, optimizer_step, resolve_auto, save_checkpoint
 
     t_start = time.perf_counter()
     split_def = read_split(dataset, root, split, prepared)
@@ -110,12 +110,7 @@ def finetune(checkpoint: str | Path, dataset: str, root: str | Path, prepared: s
                 loss = nn.functional.cross_entropy(net(video).float(), y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if tc.grad_clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            optimizer_step(model, opt, scaler, sched, tc.grad_clip)
             step += 1
             clips += len(y) * world
             losses.append(float(loss.item()))

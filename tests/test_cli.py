@@ -6,7 +6,7 @@ import pytest
 
 from fastavts.cli import build_parser
 
-SUBCOMMANDS = ["synth", "prepare", "train", "eval-sync", "offset", "info"]
+SUBCOMMANDS = ["synth", "prepare", "train", "eval-sync", "offset", "probe-audio", "finetune", "info"]
 
 
 def run(*args):

@@ -126,11 +126,13 @@ def test_impl_triton_refused_without_gpu_or_interpreter(prepared, tmp_path, monk
         cfg_for(prepared, "loss.kind=infonce", "loss.impl=triton")
 
 
-def test_profile_writes_a_trace_with_the_named_ranges(prepared, tmp_path):
-    r = train(cfg_for(prepared, "train.epochs=2", "train.profile=true",
+@pytest.mark.parametrize("kind", ["dali", "memory"])
+def test_profile_writes_a_trace_with_the_named_ranges(prepared, tmp_path, kind):
+    r = train(cfg_for(prepared, "train.epochs=2", "train.profile=true", f"loader.kind={kind}",
                       "train.profile_steps=[1,1,2]"), tmp_path, progress=False)
     traces = list((tmp_path / "profile").glob("*.json*"))
     assert r["steps"] >= 4 and len(traces) == 1
     text = traces[0].read_text()
-    for name in ("data", "forward", "loss", "backward", "optimizer"):
+    for name in ("data", "decode", "audio_features", "forward", "loss", "backward",
+                 "optimizer"):
         assert f'"name": "{name}"' in text, name
