@@ -26,9 +26,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
-from common import HERE, context, write_rows
+from common import HERE, context, quantile, time_calls, write_rows
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -80,26 +79,9 @@ def time_one(fn, inputs, backward, args, device):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(1 if args.once else args.repeats):
-        if cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            call()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            call()
-            times.append((time.perf_counter() - t0) * 1e3)
+    times = time_calls(call, 1 if args.once else args.repeats, cuda)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
     return times, peak
-
-
-def quantile(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
 def main(argv=None) -> int:

@@ -21,9 +21,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
-from common import HERE, context, write_rows
+from common import HERE, context, quantile, time_calls, write_rows
 
 # dense (no sparsity) peak TFLOP/s: (bf16/fp16 tensor cores, fp32 without TF32)
 PEAKS = {"H100 PCIe": (756.0, 51.2), "H100": (989.4, 66.9), "H200": (989.4, 66.9),
@@ -87,30 +86,6 @@ def count_flops(model, x, precision, device_type) -> int:
     return int(fc.get_total_flops())
 
 
-def time_steps(step, n, cuda):
-    import torch
-
-    out = []
-    for _ in range(n):
-        if cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            step()
-            e.record()
-            torch.cuda.synchronize()
-            out.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            step()
-            out.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
-def q(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p * (len(xs) - 1)))]
-
-
 def run_config(name, precision, channels_last, compiled, batch, args, device):
     import torch
 
@@ -128,14 +103,15 @@ def run_config(name, precision, channels_last, compiled, batch, args, device):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     fn = torch.compile(model) if compiled else model
     step = make_step(fn, opt, x, precision, device.type)
-    times = time_steps(step, args.warmup, cuda)          # warm-up (and compilation)
-    times = time_steps(step, 1 if args.once else args.repeats, cuda)
+    times = time_calls(step, args.warmup, cuda)          # warm-up (and compilation)
+    times = time_calls(step, 1 if args.once else args.repeats, cuda)
     med = statistics.median(times)
     peak = peak_tflops(precision)
     return dict(model=name, precision=precision, channels_last=channels_last if is_video else None,
                 compile=compiled, batch=batch,
-                input=list(x.shape), ms_per_step=round(med, 3), p20_ms=round(q(times, .2), 3),
-                p80_ms=round(q(times, .8), 3), repeats=len(times),
+                input=list(x.shape), ms_per_step=round(med, 3),
+                p20_ms=round(quantile(times, .2), 3), p80_ms=round(quantile(times, .8), 3),
+                repeats=len(times),
                 clips_per_s=round(batch / (med / 1e3), 1), flops_per_step=flops,
                 tflops=float(f"{flops / (med / 1e3) / 1e12:.4g}"),
                 mfu=None if peak is None else round(flops / (med / 1e3) / (peak * 1e12), 4),

@@ -65,6 +65,32 @@ def synthetic_input(cache: str, videos: int, seconds: float, codec: str) -> Path
     return src
 
 
+def time_calls(fn, n: int, cuda: bool) -> list[float]:
+    """Milliseconds of each of n calls of fn(): CUDA events on a GPU, perf_counter on a CPU."""
+    import torch
+
+    out = []
+    for _ in range(n):
+        if cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            out.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def quantile(xs, q: float) -> float:
+    """The q-quantile of xs by nearest rank (p20/p80 of the benchmark rows)."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
 def write_rows(path: str | Path, rows: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -57,8 +57,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results" / "downstream.jsonl"))
     args = ap.parse_args(argv)
 
-    import torch
-
     from fastavts.finetune import finetune
     from fastavts.offset import load_model
     from fastavts.probe import probe_audio

@@ -71,7 +71,10 @@ def test_bench_train_end_to_end_and_model_only_rows(prepared, tmp_path):
     for r in rows:
         assert r["steps"] == 3 and r["clips_per_s"] > 0 and r["model_only_clips_per_s"] > 0
         assert 0 <= r["data_wait_share"] < 1
-        assert abs(r["ratio_to_model_only"] - r["clips_per_s"] / r["model_only_clips_per_s"]) < 0.01
+        # the ratio comes from the unrounded rates; the rows keep one decimal of each
+        e2e, alone = r["clips_per_s"], r["model_only_clips_per_s"]
+        slack = (e2e / alone) * (0.05 / e2e + 0.05 / alone) + 0.001
+        assert abs(r["ratio_to_model_only"] - e2e / alone) <= slack
         assert "gpu_sm_util_median" not in r          # no GPU here: no counters, no crash
 
 
