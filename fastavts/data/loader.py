@@ -81,7 +81,7 @@ class BaseLoader(ABC):
         self.total_epochs = total_epochs
         self.dataset = Dataset.open(root)
         records = self.dataset.videos
-        if videos is not None:   # a subset (a split of a labelled set), in the order given
+        if videos is not None:   # a subset (a split of a labelled set)
             missing = [v for v in videos if v not in self.dataset.by_id]
             if missing:
                 raise KeyError(f"{len(missing)} videos are not in {root}, e.g. {missing[:3]}")

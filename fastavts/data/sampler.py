@@ -76,7 +76,9 @@ class Sampler:
         self.window_s = self.clip_span / data.fps               # 1.28 s by default
         self.crop = data.crop
         self.videos, self.skipped = [], []
-        for v in videos:
+        # in id order, not manifest order: prepare appends rows as its workers finish, so the
+        # manifest order of the same inputs varies with the load; plans must not
+        for v in sorted(videos, key=lambda v: v["id"]):
             ranges = self._clip_ranges(v)
             if ranges is None:
                 self.skipped.append(v["id"])
