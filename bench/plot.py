@@ -80,6 +80,13 @@ def _plt():
     return plt
 
 
+def save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def plot_model(rows, machine, out: Path) -> Path:
     plt = _plt()
     rows = newest(rows, lambda r: (r["model"], r["precision"], r.get("channels_last"),
@@ -98,11 +105,7 @@ def plot_model(rows, machine, out: Path) -> Path:
     ax.invert_yaxis()
     ax.set_xlabel("training clips/s (model only, batch on the device)")
     ax.set_title(f"bench_model.py on {machine}")
-    fig.tight_layout()
-    path = out / f"model_{slug(machine)}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, out / f"model_{slug(machine)}.png")
 
 
 def plot_loaders(data_rows, train_rows, machine, out: Path) -> Path:
@@ -144,11 +147,7 @@ def plot_loaders(data_rows, train_rows, machine, out: Path) -> Path:
         ax.legend(fontsize=8, ncol=2, loc="upper center")
         ax.set_title("bench_train.py: end to end / model only", fontsize=10)
     fig.suptitle(f"loaders on {machine}")
-    fig.tight_layout()
-    path = out / f"loaders_{slug(machine)}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, out / f"loaders_{slug(machine)}.png")
 
 
 def plot_loss(rows, machine, out: Path) -> Path:
@@ -173,11 +172,7 @@ def plot_loss(rows, machine, out: Path) -> Path:
         ax.set_title(ps)
         ax.legend(fontsize=7)
     fig.suptitle(f"contrastive loss (bench_loss.py) on {machine}")
-    fig.tight_layout()
-    path = out / f"loss_{slug(machine)}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, out / f"loss_{slug(machine)}.png")
 
 
 def main(argv=None) -> int:
