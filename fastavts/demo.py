@@ -12,12 +12,12 @@ H.264 for NVDEC and DALI.
 
 Where the CPU budget went (2-core dev machine, profiled with train.profile=true): next to the
 DALI CPU pipeline a step's forward + backward took ~390 ms, alone ~230 ms: decoding took the
-cores the model needs. The 160 training videos fit in ~0.25 GB decoded, so the CPU demo
-decodes each once (loader.kind=memory, 12 s in the first epoch) and cuts batches from RAM
-(27 ms a batch): 64.6 -> 120 clips/s. channels_last_3d is 15 % slower for these tiny convs on
-this CPU (133.8 vs 115.8 clips/s end to end), so the CPU preset turns it off. At 120 clips/s,
-230 epochs (73,600 clips) take ~610 s; 130 epochs gave 97.6 % / 93.8 %, 230 gave 99.1 % /
-96.4 % held-out sync accuracy (easy / hard).
+cores the model needs. The 160 training videos fit in 0.24 GiB decoded, so the CPU demo
+decodes each once (loader.kind=memory, during the first epoch) and cuts batches from RAM
+(11.9 % of a 214.5 ms step, bench_train.py): 64.6 -> 120-139 clips/s. channels_last_3d is
+15 % slower for these tiny convs on this CPU (133.8 vs 115.8 clips/s end to end), so the CPU
+preset turns it off. 230 epochs (73,600 clips) then take ~530 s of training: 98.2 % / 96.6 %
+held-out sync accuracy (easy / hard); 130 epochs gave 97.6 % / 93.8 %, 260 no better.
 """
 from __future__ import annotations
 

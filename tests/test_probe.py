@@ -2,6 +2,7 @@
 generated here, named and listed exactly as the released sets), on a prepared synthetic set,
 and the clear errors for malformed layouts."""
 import csv
+import shutil
 import json
 import wave
 
@@ -186,3 +187,38 @@ def test_malformed_layouts_name_the_file(esc50, dcase, checkpoint, tmp_path, cap
     shutil.rmtree(d2 / "scenes_stereo_testset")
     assert probe(checkpoint, "--dataset", "dcase2014", d2) == 2
     assert "scenes_stereo_testset" in capsys.readouterr().err
+
+
+def test_synth_task_folds_follow_ids_not_manifest_order(tmp_path, checkpoint, capsys):
+    """The synthetic downstream task: kinds as labels, folds and splits by id order, so a
+    manifest written in another order (prepare's workers finish as they may) gives the same."""
+    from conftest import small_cfg
+    from fastavts.data.action_sets import read_split
+    from fastavts.data.prepare import prepare
+    from fastavts.data.synth import synthesize
+
+    cfg = small_cfg("synth.videos=10", "synth.seed=11", "synth.min_objects=1",
+                    "synth.max_objects=1", "prepare.codec=vp9", "prepare.short_side=52")
+    synthesize(tmp_path / "src", cfg, progress=False)
+    prepare(tmp_path / "src", tmp_path / "a", cfg, progress=False)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    lines = (tmp_path / "a" / "manifest.jsonl").read_text().splitlines()
+    (tmp_path / "b" / "manifest.jsonl").write_text("\n".join(lines[::-1]) + "\n")
+
+    def folds(root):
+        return {i.path.split("::")[1]: (i.label, i.fold) for i in read_audio_set("synth", root)}
+    fa, fb = folds(tmp_path / "a"), folds(tmp_path / "b")
+    assert fa == fb and sorted(f for _, f in fa.values()) == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    kinds = {json.loads(line)["id"]: json.loads(line)["meta"]["kinds"][0] for line in lines}
+    assert {k: lab for k, (lab, _) in fa.items()} == kinds
+    sa = read_split("synth", tmp_path / "a", 2, tmp_path / "a")
+    sb = read_split("synth", tmp_path / "b", 2, tmp_path / "b")
+    assert (sa.train, sa.test) == (sb.train, sb.test) and len(sa.test) == 2
+    assert probe(checkpoint, "--dataset", "synth", tmp_path / "a", "--cache", tmp_path / "c") == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["recordings"] == 10 and len(r["fold_accuracy"]) == 5
+
+
+def test_synth_task_needs_one_sounding_object(prepared):
+    with pytest.raises(LayoutError, match="exactly one per video"):
+        read_audio_set("synth", prepared)

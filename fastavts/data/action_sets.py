@@ -6,7 +6,7 @@
     hmdb51   ROOT/testTrainMulti_7030_splits/ (or ROOT itself) holding <class>_test_split<N>.txt,
              one line per video: "<name>.avi <1|2|0>" (1 train, 2 test, 0 unused)
     synth    a prepared synthetic set with one sounding object per video: the label is its kind;
-             split N tests on the videos at manifest positions i with i mod 5 == N - 1
+             split N tests on the videos at positions i (id order) with i mod 5 == N - 1
 
 The videos themselves are prepared with `fastavts prepare` (video-only files need
 `prepare.require_audio=false`: many UCF101 and all of some HMDB51 classes have no sound) and
@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .audio_sets import LayoutError
+from .audio_sets import LayoutError, synth_videos
 from .manifest import MANIFEST, REJECTED, read_jsonl
 
 
@@ -92,17 +92,10 @@ def read_hmdb51(root: Path, split: int) -> Split:
 
 
 def read_synth_split(prepared: Path, split: int) -> Split:
-    rows = read_jsonl(prepared / MANIFEST)
-    kinds = []
-    for v in rows:
-        k = (v.get("meta") or {}).get("kinds")
-        if not k or len(k) != 1:
-            raise LayoutError(f"synth: video {v['id']} of {prepared} has sounding objects {k}; "
-                              f"the synthetic downstream task needs exactly one per video")
-        kinds.append(k[0])
-    names = sorted(set(kinds))
+    videos = synth_videos(prepared)
+    names = sorted({k for _, k in videos})
     out = Split(names, [], [], [str(prepared / MANIFEST)])
-    for i, (v, k) in enumerate(zip(rows, kinds)):
+    for i, (v, k) in enumerate(videos):
         (out.test if i % 5 == split - 1 else out.train).append((Path(v["source"]).name,
                                                               names.index(k)))
     return out

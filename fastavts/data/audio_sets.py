@@ -10,7 +10,7 @@
                digits. One split: train on the first, test on the second.
     synth      a prepared synthetic set (`fastavts prepare` of `fastavts synth` output with one
                sounding object per video): the label is the object's kind; 5 folds by the
-               video's position in the manifest (i mod 5).
+               video's position in id order (i mod 5).
 
 Every problem found is a `LayoutError` naming the file and what was expected.
 """
@@ -21,9 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3")
-
 
 class LayoutError(ValueError):
     """A dataset folder that is not in the official layout (the message names the file)."""
@@ -95,19 +92,27 @@ def read_dcase2014(root: Path) -> list[Item]:
     return items
 
 
-def read_synth(root: Path) -> list[Item]:
-    from .dataset import Dataset
+def synth_videos(root: Path) -> list[tuple[dict, str]]:
+    """(manifest row, its one sounding kind) of a prepared synthetic set, in id order (the
+    manifest's order follows prepare's workers, so folds taken from it would vary by run)."""
+    from .manifest import MANIFEST, read_jsonl
 
-    ds = Dataset.open(root)
-    items = []
-    for i, v in enumerate(ds.videos):
+    if not (root / MANIFEST).is_file():
+        raise LayoutError(f"synth: {root} is not a prepared set (no {MANIFEST})")
+    out = []
+    for v in sorted(read_jsonl(root / MANIFEST), key=lambda v: v["id"]):
         kinds = (v.get("meta") or {}).get("kinds")
         if not kinds or len(kinds) != 1:
             raise LayoutError(f"synth: video {v['id']} of {root} has sounding objects {kinds}; the "
                               f"synthetic downstream task needs exactly one per video "
                               f"(fastavts synth ... synth.min_objects=1 synth.max_objects=1)")
-        items.append(Item(f"{root}::{v['id']}", kinds[0], i % 5 + 1))
-    return items
+        out.append((v, kinds[0]))
+    return out
+
+
+def read_synth(root: Path) -> list[Item]:
+    return [Item(f"{root}::{v['id']}", kind, i % 5 + 1)
+            for i, (v, kind) in enumerate(synth_videos(root))]
 
 
 READERS = {"esc50": read_esc50, "dcase2014": read_dcase2014, "synth": read_synth}

@@ -6,7 +6,7 @@ PyAV loader (so given a plan the two give identical batches), with the log-mel i
 Why: on a CPU-only machine the DALI CPU pipeline and the PyAV workers decode on the same cores
 the model trains on. Measured for the demo (tiny towers, 8 x 48 x 48 clips, batch 32, 2-core dev
 machine): forward + backward took ~390 ms a step next to the DALI CPU pipeline and ~230 ms
-alone. For a set that fits in memory (the demo's 160 videos at 52 px: ~0.3 GB) decoding once
+alone. For a set that fits in memory (the demo's 160 videos at 52 px: 0.24 GiB) decoding once
 is the better use of the cores. On a GPU, DALI decodes on NVDEC and keeps the cores free: use
 `loader.kind=dali` there and for large sets. The size of the decoded set is checked before
 anything is decoded (`loader.memory_gb`).
@@ -70,6 +70,9 @@ class MemoryLoader(BaseLoader):
                 f"{need / 2**30:.1f} GiB decoded, more than loader.memory_gb="
                 f"{cfg.loader.memory_gb:g}; raise loader.memory_gb if the machine has the RAM, "
                 f"or use loader.kind=dali (or pyav), which decode each clip as it is needed")
+        print(f"fastavts: loader.kind=memory: {len(self.sampler.videos)} videos, "
+              f"{need / 2**30:.2f} GiB once decoded (limit loader.memory_gb="
+              f"{cfg.loader.memory_gb:g})", flush=True)
         self.cache = _FrameCache(self.dataset)
         self._geo = AudioGeometry(cfg.data)
         self._logmel = LogMel(self._geo)
