@@ -165,7 +165,11 @@ class LoaderConfig:
     batch_size: int = _f(32, "clips per batch on each rank", min=1)
     workers: int = _f(2, "processes preparing batches (PyAV workers / DALI source workers)",
                       min=0)
-    threads: int = _f(2, "DALI CPU threads per pipeline", min=1)
+    threads: int = _f(0, "DALI CPU threads per pipeline; 0 = auto: this rank's cores over its "
+                      "video pipelines on a GPU (at least 2), all its cores on a CPU", min=0)
+    video_pipelines: int = _f(0, "DALI video pipelines per rank, taking batches in turn (one "
+                              "pipeline drives one NVDEC engine); 0 = auto: one per NVDEC "
+                              "engine of the GPU (7 on H100/H200), 1 on a CPU", min=0, max=64)
     prefetch: int = _f(2, "batches prepared ahead", min=1)
     max_faults: int = _f(100, "stop after this many undecodable samples in one epoch", min=0)
     memory_gb: float = _f(8.0, "loader.kind=memory: refuse sets whose decoded frames would "
@@ -219,8 +223,15 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the model")
     ckpt_every: int = _f(200, "write a checkpoint every n steps (and at the end)", min=1)
     keep_last: int = _f(3, "checkpoints kept (last.pt always points at the newest)", min=1)
-    log_every: int = _f(10, "steps between TensorBoard scalars", min=1)
-    max_nonfinite: int = _f(20, "stop after this many non-finite losses in a row", min=1)
+    log_every: int = _f(10, "steps between reads of the loss on the host (progress bar, "
+                        "TensorBoard scalars, the non-finite check); the steps in between never "
+                        "wait for the GPU", min=1)
+    sync_check: int = _f(0, "GPU: from this step on, any host-device synchronisation inside a "
+                         "training step is an error (torch.cuda.set_sync_debug_mode('error'); "
+                         "the log_every reads excepted); 0 = off", min=0)
+    max_nonfinite: int = _f(20, "stop after this many non-finite losses in a row (each one's "
+                            "update is skipped on every rank; counted on the device, checked "
+                            "every log_every steps)", min=1)
     seed: int = _f(0, "seed of model init and torch RNGs", min=0)
     profile: bool = _f(False, "write a torch.profiler trace of a few steps to <run>/profile "
                        "(TensorBoard / Perfetto), with named ranges for data, forward, loss, "

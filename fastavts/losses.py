@@ -25,15 +25,18 @@ from .kernels.contrastive import (EASY, HARD, IGNORED, POS, contrastive_terms,  
 
 
 def infonce_loss(v, a, kinds, temperature: float = 0.1):
+    """Mean over the clips that have a positive window of -log(sum_pos e^l / sum_all e^l),
+    l = -d^2 / temperature over the clip's row, ignored pairs left out. Branch-free: no
+    host-device synchronisation (a row without positives is computed on zeros and masked)."""
     logits = -torch.cdist(v.float(), a.float()).pow(2) / temperature    # (B, M)
-    logits = logits.masked_fill(kinds == IGNORED, float("-inf"))
     pos = kinds == POS
-    rows = pos.any(1)
-    if not rows.any():
-        return logits.sum() * 0
-    logz = torch.logsumexp(logits[rows], dim=1)
-    logpos = torch.logsumexp(logits[rows].masked_fill(~pos[rows], float("-inf")), dim=1)
-    return (logz - logpos).mean()
+    rows = pos.any(1, keepdim=True)                                     # (B, 1)
+    keep = rows & (kinds != IGNORED)
+    # rows without a positive become zeros (finite logsumexp, zero gradient after the mask)
+    logz = torch.logsumexp(torch.where(rows, logits.masked_fill(~keep, float("-inf")), 0.0), 1)
+    logpos = torch.logsumexp(torch.where(rows, logits.masked_fill(~pos, float("-inf")), 0.0), 1)
+    per_row = torch.where(rows[:, 0], logz - logpos, 0.0)
+    return per_row.sum() / rows.sum().clamp_min(1)
 
 
 def sync_ce_loss(logits, y):

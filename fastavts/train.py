@@ -5,8 +5,11 @@
     -> checkpoints every ckpt_every steps and at the end -> sync evaluation on held-out videos
     -> metrics.json and one JSON line on stdout
 
-A step: next batch (the wait is the data-wait share) -> forward under autocast -> loss ->
-skip it if not finite (too many in a row: checkpoint and stop) -> backward -> clip -> step.
+A step (TrainStep): next batch (the wait is the data-wait share) -> forward under autocast ->
+loss -> backward -> clip -> fused optimizer step, skipped on every rank when any rank's loss
+(or the gradient norm) is not finite, decided on the device. The host reads the losses and the
+skip counters every train.log_every steps (too many non-finite in a row: checkpoint and stop);
+between reads it never waits for the GPU.
 Checkpoints hold model, optimizer, scaler, schedule, loader position, RNG states and the
 resolved config, written atomically; `--resume` continues from last.pt exactly.
 """
@@ -17,7 +20,7 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -103,15 +106,117 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def optimizer_step(model, opt, scaler, sched, grad_clip: float) -> None:
-    """Unscale and clip the gradients (grad_clip > 0), step the optimizer through the grad
-    scaler (a no-op scaler outside fp16), then the schedule."""
-    if grad_clip:
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(opt)
-    scaler.update()
-    sched.step()
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process. Under torchrun the CUDA device of
+    LOCAL_RANK is made current *before* the process group starts, and the group is given it
+    (NCCL binds its communicators to a device: without this every rank's first collective
+    lands on cuda:0). gloo on a CPU."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cpu")
+    if cuda:
+        n = torch.cuda.device_count()
+        if local >= n:
+            raise RuntimeError(f"LOCAL_RANK={local} but this machine shows {n} CUDA device(s): "
+                               f"start at most {n} processes per node (torchrun "
+                               f"--nproc-per-node {n})")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True   # fixed input shapes: pick the fastest kernels
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo",
+                                             device_id=device if cuda else None)
+    return rank, world, device
+
+
+def make_optimizer(params, tc) -> torch.optim.Optimizer:
+    """Fused AdamW or SGD (on CPU too, torch >= 2.4): the fused kernels take a `found_inf`
+    flag on the device, which is how a non-finite step is skipped without the host looking."""
+    params = list(params)
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+    return torch.optim.SGD(params, lr=tc.lr, momentum=0.9, weight_decay=tc.weight_decay,
+                           fused=True)
+
+
+class TrainStep:
+    """One training step that never waits for the host (DESIGN.md section 2, "Feeding the GPU"):
+
+        batch to the device (pinned, non-blocking) -> forward under autocast -> loss
+        -> bad = loss is not finite, max over all ranks (all_reduce on the device)
+        -> backward (every rank: DDP needs all of them) -> unscale + clip
+        -> optimizer step with found_inf = bad or the gradient norm not finite: the fused
+           optimizer leaves parameters, moments and its step count as they were
+        -> schedule step
+
+    A skipped update still counts as a step (the schedule moves on), as with torch.amp's
+    skipped fp16 steps. With fp16 the GradScaler makes the same decision from the gradients.
+    Counters on the device: `bad_total` (skipped updates), `bad_run` (skipped in a row) and
+    `bad_run_max`; the trainer reads them every `train.log_every` steps. Shared by the trainer
+    and bench/bench_train.py, so the benchmark times the trainer's own step."""
+
+    def __init__(self, model, net, opt, scaler, sched, cfg, device, world: int = 1):
+        self.model, self.net, self.opt, self.scaler, self.sched = model, net, opt, scaler, sched
+        self.cfg, self.device, self.world = cfg, device, world
+        tc = cfg.train
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
+        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+        self.range = lambda name: nullcontext()
+        z = lambda: torch.zeros((), dtype=torch.float32, device=device)  # noqa: E731
+        self.bad_total, self.bad_run, self.bad_run_max = z(), z(), z()
+
+    def to_device(self, batch: dict) -> dict:
+        """Every tensor of the batch on the device (asynchronous from pinned memory)."""
+        out = dict(batch)
+        for k, t in batch.items():
+            if torch.is_tensor(t) and t.device != self.device:
+                out[k] = t.to(self.device, non_blocking=True)
+        return out
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        """One step on `batch`; returns the loss (a 0-d tensor on the device, detached)."""
+        tc, dist = self.cfg.train, torch.distributed
+        b = self.to_device(batch)
+        video, audio = b["video"], b["audio"]
+        if tc.channels_last:
+            video = video.contiguous(memory_format=torch.channels_last_3d)
+        with self.autocast():
+            with self.range("forward"):
+                v, a, fv, fa = self.net(video, audio)
+            with self.range("loss"):
+                loss = compute_loss(self.model, self.cfg, b, v, a, fv, fa)
+        bad = (~torch.isfinite(loss.detach())).to(torch.float32)
+        if self.world > 1:   # one rank's NaN skips the step on every rank
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self.opt.zero_grad(set_to_none=True)
+        with self.range("backward"):
+            self.scaler.scale(loss).backward()
+        with self.range("optimizer"):
+            skip = bad
+            if self.scaler.is_enabled():   # fp16: the scaler skips non-finite gradients itself
+                if tc.grad_clip:
+                    self.scaler.unscale_(self.opt)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                found_inf = bad
+                if tc.grad_clip:
+                    norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+                    found_inf = torch.maximum(bad, (~torch.isfinite(norm)).to(torch.float32))
+                self.opt.grad_scale, self.opt.found_inf = None, found_inf
+                try:
+                    self.opt.step()
+                finally:
+                    del self.opt.grad_scale, self.opt.found_inf
+                skip = found_inf
+            self.sched.step()
+        self.bad_total += skip
+        self.bad_run.add_(1).mul_(skip)
+        torch.maximum(self.bad_run_max, self.bad_run, out=self.bad_run_max)
+        return loss.detach()
 
 
 def rng_state() -> dict:
@@ -119,12 +224,27 @@ def rng_state() -> dict:
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
 
+def _cpu_bytes(t) -> torch.Tensor:
+    """An RNG state as torch wants it: a CPU uint8 tensor (a checkpoint loaded with
+    map_location='cuda' holds them on the GPU, and set_rng_state refuses those)."""
+    return t.cpu().to(torch.uint8) if hasattr(t, "cpu") else torch.as_tensor(t, dtype=torch.uint8)
+
+
 def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
+    torch.set_rng_state(_cpu_bytes(s["torch"]))
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
     if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+        states = [_cpu_bytes(t) for t in s["cuda"]]
+        n = torch.cuda.device_count()
+        # a checkpoint from a machine with more GPUs: restore the ones this one has
+        torch.cuda.set_rng_state_all(states[:n])
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents with every tensor on the CPU: the model and optimizer copy them
+    to their devices as they load, and the RNG states must stay CPU tensors."""
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep_last: int) -> Path:
@@ -141,6 +261,28 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep_last: int) -> P
     for old in sorted(ckpt_dir.glob("ckpt_*.pt"))[:-keep_last]:
         old.unlink()
     return path
+
+
+class _SyncCheck:
+    """train.sync_check: inside a steady-state step, a host-device synchronisation raises
+    (torch.cuda.set_sync_debug_mode('error')); the trainer's own reads are let through."""
+
+    def __init__(self, from_step: int, cuda: bool):
+        self.from_step, self.cuda = from_step, cuda
+
+    def step(self, step: int):
+        if not (self.cuda and self.from_step and step >= self.from_step):
+            return nullcontext()
+        return self._mode("error")
+
+    @staticmethod
+    @contextmanager
+    def _mode(mode: str):
+        torch.cuda.set_sync_debug_mode(mode)
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 class Metrics:
@@ -176,16 +318,10 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
     from tqdm import tqdm
 
     # --- setup: device, processes, seeds
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    cuda = torch.cuda.is_available()
+    rank, world, device = setup_distributed()
+    cuda = device.type == "cuda"
     cfg = resolve_auto(cfg, cuda)
     tc = cfg.train
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
     random.seed(tc.seed)
@@ -203,31 +339,27 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if tc.compile:
         net = torch.compile(net)
-    if tc.optimizer == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
-                                fused=cuda)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=0.9,
-                              weight_decay=tc.weight_decay)
+    opt = make_optimizer(model.parameters(), tc)
     total = tc.epochs * len(loader)
     warmup = int(tc.warmup * total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, max(1, warmup)))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
+    train_step = TrainStep(model, net, opt, scaler, sched, cfg, device, world)
+    autocast = train_step.autocast
 
     # --- resume
     step, epoch0 = 0, 0
     ckpt_dir = out / "checkpoints"
     if resume:
-        state = torch.load(ckpt_dir / "last.pt", map_location=device, weights_only=False)
+        state = load_checkpoint(ckpt_dir / "last.pt")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["schedule"])
         scaler.load_state_dict(state["scaler"])
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
-        step, epoch0 = state["step"], state["loader"]["sampler"]["epoch"]
+        # the loader's position, an epoch's end already moved to the next epoch's start
+        step, epoch0 = state["step"], loader.sampler.epoch
         if is_main:
             print(f"fastavts train: resumed from {ckpt_dir / 'last.pt'} at step {step}")
 
@@ -250,6 +382,7 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
 
     if ranges:
         loader.range = rng_   # "decode" and "audio_features" inside the loader's "data"
+        train_step.range = rng_
     prof = None
     if tc.profile and is_main:
         w, wu, act = (int(x) for x in tc.profile_steps)
@@ -265,78 +398,78 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
         from .gpu_monitor import GpuMonitor
         monitor = GpuMonitor().start()
     metrics = Metrics(out, is_main)
-    history, skipped, nonfinite_run = [], 0, 0
+    sync_check = _SyncCheck(tc.sync_check, cuda)
+    history: list[float] = []
+    pending: list[torch.Tensor] = []   # losses on the device, read every log_every steps
     clips = 0
     t_start = time.perf_counter()
     wait_total = 0.0
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not (progress and is_main),
                dynamic_ncols=True)
+
+    def read_back(batch) -> None:
+        """The host looks at the device: losses since the last read, the skip counters."""
+        history.extend(torch.stack(pending).tolist())
+        pending.clear()
+        run, run_max = int(train_step.bad_run.item()), int(train_step.bad_run_max.item())
+        elapsed = time.perf_counter() - t_start
+        bar.set_postfix(loss=f"{history[-1]:.4f}", clips_s=f"{clips / elapsed:.1f}",
+                        wait=f"{wait_total / elapsed:.0%}", refresh=False)
+        metrics.scalars(step, {"loss": history[-1], "lr": sched.get_last_lr()[0],
+                               "clips_per_s": clips / elapsed,
+                               "data_wait_share": wait_total / elapsed,
+                               "hard_share": batch["hard_share"],
+                               "skipped_nonfinite": float(train_step.bad_total.item()),
+                               "faults": sum(loader.faults.values())})
+        if monitor is not None:
+            metrics.scalars(step, {f"gpu/{k}": x for k, x in monitor.latest().items()})
+        if run and is_main:
+            print(f"fastavts train: step {step}: {run} non-finite step(s) in a row skipped")
+        if max(run, run_max) >= tc.max_nonfinite:
+            checkpoint()
+            raise RuntimeError(f"{max(run, run_max)} non-finite losses in a row by step {step}: "
+                               f"lower train.lr or use train.precision=fp32; the last checkpoint "
+                               f"is {ckpt_dir / 'last.pt'}")
+
+    def finish_early():
+        bar.close()
+        loader.close()
+        metrics.close()
+        if prof is not None:
+            prof.stop()
+        if monitor is not None:
+            monitor.stop()
+
     model.train()
     for epoch in range(epoch0, tc.epochs):
         batches = loader.epoch(epoch)
         while True:
-            t0 = time.perf_counter()
-            with rng_("data"):   # decode + audio features (the loader's pipelines)
-                batch = next(batches, None)
-            if batch is None:
-                break
-            t_data = time.perf_counter() - t0
-            video = batch["video"].to(device, non_blocking=True)
-            audio = batch["audio"].to(device, non_blocking=True)
-            if tc.channels_last:
-                video = video.contiguous(memory_format=torch.channels_last_3d)
-            with autocast():
-                with rng_("forward"):
-                    v, a, fv, fa = net(video, audio)
-                with rng_("loss"):
-                    loss = compute_loss(model, cfg, batch, v, a, fv, fa)
-            if not torch.isfinite(loss):
-                skipped += 1
-                nonfinite_run += 1
-                opt.zero_grad(set_to_none=True)
-                print(f"fastavts train: step {step}: non-finite loss {loss.item()}, skipped")
-                if nonfinite_run >= tc.max_nonfinite:
-                    checkpoint()
-                    raise RuntimeError(f"{nonfinite_run} non-finite losses in a row at step {step}:"
-                                       f" lower train.lr or use train.precision=fp32; the last "
-                                       f"checkpoint is {ckpt_dir / 'last.pt'}")
-                continue
-            nonfinite_run = 0
-            opt.zero_grad(set_to_none=True)
-            with rng_("backward"):
-                scaler.scale(loss).backward()
-            with rng_("optimizer"):
-                optimizer_step(model, opt, scaler, sched, tc.grad_clip)
+            with sync_check.step(step):
+                t0 = time.perf_counter()
+                with rng_("data"):   # decode + audio features (the loader's pipelines)
+                    batch = next(batches, None)
+                if batch is None:
+                    break
+                t_data = time.perf_counter() - t0
+                pending.append(train_step(batch))
+            last = batch
             if prof is not None:
                 prof.step()
             step += 1
-            n = len(batch["clip_video"]) * world
-            clips += n
+            clips += len(batch["clip_video"]) * world
             wait_total += t_data
-            elapsed = time.perf_counter() - t_start
-            history.append(float(loss.item()))
             bar.update()
-            bar.set_postfix(loss=f"{history[-1]:.4f}", clips_s=f"{clips / elapsed:.1f}",
-                            wait=f"{wait_total / elapsed:.0%}", refresh=False)
-            if step % tc.log_every == 0:
-                metrics.scalars(step, {"loss": history[-1], "lr": sched.get_last_lr()[0],
-                                       "clips_per_s": clips / elapsed,
-                                       "data_wait_share": wait_total / elapsed,
-                                       "hard_share": batch["hard_share"],
-                                       "faults": sum(loader.faults.values())})
-                if monitor is not None:
-                    metrics.scalars(step, {f"gpu/{k}": x for k, x in monitor.latest().items()})
+            if step % tc.log_every == 0 or step == stop_after_steps:
+                read_back(last)
             if step % tc.ckpt_every == 0 or step == stop_after_steps:
                 checkpoint()
             if step == stop_after_steps:
-                bar.close()
-                loader.close()
-                metrics.close()
-                if prof is not None:
-                    prof.stop()
-                if monitor is not None:
-                    monitor.stop()
+                finish_early()
                 return dict(stopped_at=step, losses=history)
+    if pending:
+        read_back(last)
+    if cuda:
+        torch.cuda.synchronize()   # the queued steps count in the wall time
     bar.close()
     wall = time.perf_counter() - t_start
     if prof is not None:
@@ -346,12 +479,13 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
     gpu = monitor.stop() if monitor is not None else {}
     checkpoint()
     loader.close()
+    finite = [x for x in history if math.isfinite(x)]
 
     # --- evaluation on held-out videos
     result = dict(steps=step, epochs=tc.epochs, clips_per_s=round(clips / wall, 2),
                   wall_s=round(wall, 1), data_wait_share=round(wait_total / wall, 3),
-                  final_loss=round(float(np.mean(history[-20:])), 5) if history else None,
-                  skipped_nonfinite=skipped, faults=dict(loader.faults),
+                  final_loss=round(float(np.mean(finite[-20:])), 5) if finite else None,
+                  skipped_nonfinite=int(train_step.bad_total.item()), faults=dict(loader.faults),
                   model=f"{cfg.model.video}+{cfg.model.audio}", loss=cfg.loss.kind,
                   pairs=cfg.sampler.pairs, **gpu)
     if gpu:

@@ -30,9 +30,11 @@ swapped, recomputes the distance tiles and accumulates the row sums and W @ A ti
 The M (or B) axis can be split over several programs whose fp32 partial gradients torch sums.
 Extra memory: O((B + M) * D) for the split partials, O(B + M) otherwise.
 
-Precision: fp16/bf16 distance products run on the inputs' own tensor-core path (exact products,
-fp32 accumulation); fp32 uses 3xTF32 (about fp32 accuracy). The gradient products use TF32
-on fp32 copies (the weights w span too wide a range for fp16).
+Precision (see _precisions): fp32 inputs use 3xTF32 for the distance and the gradient products
+(about fp32 accuracy); fp16/bf16 distance products run on the inputs' own tensor-core path
+(exact products, fp32 accumulation) and their gradient products in TF32 on fp32 copies (the
+weights w span too wide a range for fp16). tests/test_kernel_contrastive.py holds every dtype
+to its bound under a model of these products (the interpreter itself multiplies in fp32).
 
 Registered as torch.library custom ops (fastavts::contrastive_fwd / _bwd and the paired pair),
 so torch.compile keeps them in its graph.
@@ -63,11 +65,12 @@ def pair_kinds(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift: float
     """(B, M) int8 kinds of all clip-audio pairs."""
     same = clip_video[:, None] == audio_video[None, :]
     gap = (clip_t0[:, None].double() - audio_t0[None, :].double()).abs()
-    kinds = torch.full(same.shape, EASY, dtype=torch.int8, device=same.device)
-    kinds[same & (gap <= sync_tol)] = POS
-    kinds[same & (gap > sync_tol) & (gap < hard_min_shift)] = IGNORED
-    kinds[same & (gap >= hard_min_shift)] = HARD
-    return kinds
+    # hard wins where the two ranges overlap (sync_tol >= hard_min_shift); torch.where, not
+    # boolean-mask assignment, which would wait for the GPU (a nonzero() inside)
+    hard = gap >= hard_min_shift
+    ignored = ~hard & (gap > sync_tol)
+    kind = hard.to(torch.int8) * HARD + ignored.to(torch.int8) * IGNORED   # POS = 0 elsewhere
+    return torch.where(same, kind, EASY).to(torch.int8)
 
 
 def _weighted_mean(values, mask):
@@ -122,6 +125,17 @@ def paired_reference(v, a, y, *, margin=1.0):
     d = (v.to(dt) - a.to(dt)).norm(dim=1)
     kinds = torch.where(y.bool(), POS, EASY).to(torch.int8)
     return contrastive_terms(d, kinds, margin, hard_share=0.0)
+
+
+def paired_reference_branchless(v, a, y, *, margin=1.0):
+    """paired_reference without Python branches on tensor values (no host sync)."""
+    dt = torch.float64 if v.dtype == torch.float64 else torch.float32
+    d = (v.to(dt) - a.to(dt)).norm(dim=1)
+    pos = y.bool()
+    sums = torch.stack([(d.pow(2) * pos).sum(), (F.relu(margin - d).pow(2) * ~pos).sum(),
+                        d.new_zeros(())])
+    counts = torch.stack([pos.sum(), (~pos).sum(), pos.new_zeros((), dtype=torch.int64)]).double()
+    return (coefficients(counts, 0.0).to(dt) * sums).sum()
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,8 +368,15 @@ if triton is not None:
 # Launchers
 
 def _precisions(dtype):
-    """(distance product, gradient product) input precision of tl.dot."""
-    return ("tf32x3" if dtype == torch.float32 else "tf32"), "tf32"
+    """(distance product, gradient product) input precision of tl.dot.
+
+    fp32 inputs: 3xTF32 for both products (about fp32 accuracy; plain TF32 rounds each
+    operand to 10 mantissa bits, ~1e-4 relative error in the gradients against fp32's ~1e-6).
+    fp16/bf16 inputs: the distance product runs on the inputs' own tensor-core path (exact
+    products, fp32 accumulation; the argument is ignored for 16-bit operands); the gradient
+    product W @ Y runs in TF32 on fp32 copies (W spans too wide a range for fp16): W is rounded
+    to 10 mantissa bits (relative 2^-11), below the 16-bit rounding of the gradients returned."""
+    return ("tf32x3", "tf32x3") if dtype == torch.float32 else ("tf32", "tf32")
 
 
 def _choose_split(rows: int, cols: int, device) -> int:
@@ -367,8 +388,17 @@ def _choose_split(rows: int, cols: int, device) -> int:
     return max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(cols, 256)))
 
 
+_LIMS: dict = {}
+
+
 def _lims(sync_tol, hard_min_shift, device):
-    return torch.tensor([sync_tol, hard_min_shift], dtype=torch.float64, device=device)
+    """The two float64 limits as a device tensor, made once per (values, device): making it
+    anew each call is a host-to-device copy from pageable memory, which waits for the GPU."""
+    key = (float(sync_tol), float(hard_min_shift), str(device))
+    t = _LIMS.get(key)
+    if t is None:
+        t = _LIMS[key] = torch.tensor(key[:2], dtype=torch.float64, device=device)
+    return t
 
 
 def _check_triton(t):
@@ -564,10 +594,10 @@ def inbatch_contrastive_loss(v, a, clip_video, clip_t0, audio_video, audio_t0, *
     B, M = v.shape[0], a.shape[0]
     _check_shapes(v, a, ("clip_video", clip_video, B), ("clip_t0", clip_t0, B),
                   ("audio_video", audio_video, M), ("audio_t0", audio_t0, M))
-    if not _use_triton(impl, v):
-        return inbatch_reference(v, a, clip_video, clip_t0, audio_video, audio_t0, margin=margin,
-                                 hard_share=hard_share, hard_min_shift=hard_min_shift,
-                                 sync_tol=sync_tol)
+    if not _use_triton(impl, v):   # the reference, in its branch-free form (no host sync)
+        return inbatch_reference_branchless(v, a, clip_video, clip_t0, audio_video, audio_t0,
+                                            margin=margin, hard_share=hard_share,
+                                            hard_min_shift=hard_min_shift, sync_tol=sync_tol)
     if a.dtype != v.dtype:
         a = a.to(v.dtype)
     if B == 0 or M == 0:
@@ -586,7 +616,7 @@ def paired_contrastive_loss(v, a, y, *, margin: float = 1.0, impl: str = "auto")
         raise ValueError(f"paired: v and a need the same number of rows, got {v.shape[0]} and "
                          f"{a.shape[0]}")
     if not _use_triton(impl, v):
-        return paired_reference(v, a, y, margin=margin)
+        return paired_reference_branchless(v, a, y, margin=margin)
     if a.dtype != v.dtype:
         a = a.to(v.dtype)
     if v.shape[0] == 0:
@@ -612,7 +642,8 @@ def compile_all(arch: int = 90) -> list[str]:
     rows = {"Bn": "i32", "D": "i32", "sxb": "i32", "sxd": "i32", "syb": "i32", "syd": "i32",
             "margin": "fp32", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr"}
     for t in ("fp32", "fp16", "bf16"):
-        prec = "tf32x3" if t == "fp32" else "tf32"
+        prec, gprec = _precisions({"fp32": torch.float32, "fp16": torch.float16,
+                                   "bf16": torch.bfloat16}[t])
         xy = {"X": f"*{t}", "Y": f"*{t}", "XN": "*fp32", "YN": "*fp32", **ids}
         blocks = {"BLOCK_B": "constexpr", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
         jobs = [
@@ -623,7 +654,7 @@ def compile_all(arch: int = 90) -> list[str]:
              {**xy, "COEF": "*fp32", "DX": "*fp32", **sizes, **blocks, "BLOCK_DO": "constexpr",
               "PRECISION": "constexpr", "GRAD_PRECISION": "constexpr"},
              dict(BLOCK_B=64, BLOCK_M=64, BLOCK_K=64, BLOCK_DO=128, PRECISION=prec,
-                  GRAD_PRECISION="tf32")),
+                  GRAD_PRECISION=gprec)),
             ("paired_fwd", _paired_fwd_kernel,
              {"X": f"*{t}", "Y": f"*{t}", "LAB": "*i32", "OUT": "*fp32", **rows},
              dict(BLOCK_R=64, BLOCK_K=64)),

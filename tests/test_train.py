@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,21 +20,44 @@ def cfg_for(prepared, *extra):
     return small_cfg(*FAST, f"train.data={prepared}", *extra)
 
 
-@pytest.mark.parametrize("pairs", ["sampler.pairs=paired", "sampler.pairs=inbatch"])
-def test_resume_gives_the_losses_of_an_uninterrupted_run(prepared, tmp_path, pairs):
-    extra = [pairs, "train.epochs=3"] + (["loss.kind=infonce"] if "inbatch" in pairs else [])
+@pytest.mark.parametrize("kind", ["dali", "pyav", "memory"])
+@pytest.mark.parametrize("cut", [3, 4], ids=["at_an_epoch_end", "mid_epoch"])
+def test_resume_gives_the_losses_of_an_uninterrupted_run(prepared, tmp_path, kind, cut):
+    """3 epochs of 3 steps, cut after step 3 (the checkpoint lands right after an epoch's last
+    batch: the saved position is batch 3 of 3) or 4, resumed: the same 9 losses, bit for bit
+    on the CPU, with every loader. Paired pairs with a loss of labels and kinds, so batches
+    from the wrong plan would show."""
+    extra = ["sampler.pairs=paired", "train.epochs=3", f"loader.kind={kind}"]
     full = train(cfg_for(prepared, *extra), tmp_path / "full", progress=False)["losses"]
     assert len(full) == 9
     first = train(cfg_for(prepared, *extra), tmp_path / "cut", progress=False,
-                  stop_after_steps=4)["losses"]
-    assert first == full[:4]
-    rest = train(cfg_for(prepared, *extra), tmp_path / "cut", resume=True, progress=False)["losses"]
-    print(full, first + rest)
-    assert rest == full[4:]  # bit for bit on the CPU
+                  stop_after_steps=cut)["losses"]
+    assert first == full[:cut]
+    rest = train(cfg_for(prepared, *extra), tmp_path / "cut", resume=True, progress=False)
+    print(kind, cut, full, first + rest["losses"])
+    assert rest["losses"] == full[cut:]
+    assert rest["steps"] == 9
+
+
+def test_resume_inbatch_infonce(prepared, tmp_path):
+    extra = ["sampler.pairs=inbatch", "loss.kind=infonce", "train.epochs=2"]
+    full = train(cfg_for(prepared, *extra), tmp_path / "full", progress=False)["losses"]
+    train(cfg_for(prepared, *extra), tmp_path / "cut", progress=False, stop_after_steps=2)
+    rest = train(cfg_for(prepared, *extra), tmp_path / "cut", resume=True, progress=False)
+    assert rest["losses"] == full[2:]
+
+
+def _params(state):
+    """The learned parameters (BatchNorm's running statistics move with every forward, a
+    skipped step's too, as in any trainer)."""
+    return {k: v for k, v in state["model"].items() if v.is_floating_point()
+            and not k.endswith(("running_mean", "running_var"))}
 
 
 def test_non_finite_losses_are_skipped_then_stop_with_a_checkpoint(prepared, tmp_path,
                                                                    monkeypatch):
+    """Calls 2, 4, 5, 6 give NaN: their updates are skipped on the device (parameters, Adam's
+    moments and step count untouched), the third in a row stops the run with a checkpoint."""
     import fastavts.train as tr
 
     real = tr.compute_loss
@@ -46,10 +70,18 @@ def test_non_finite_losses_are_skipped_then_stop_with_a_checkpoint(prepared, tmp
 
     monkeypatch.setattr(tr, "compute_loss", flaky)
     with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
-        train(cfg_for(prepared, "train.epochs=3", "train.max_nonfinite=3"), tmp_path,
-              progress=False)
-    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
-    assert state["step"] == 2  # calls 1 and 3 were steps; 2, 4, 5, 6 skipped
+        train(cfg_for(prepared, "train.epochs=3", "train.max_nonfinite=3", "train.ckpt_every=3",
+                      "train.keep_last=5"), tmp_path, progress=False)
+    ckpt = tmp_path / "checkpoints"
+    last = torch.load(ckpt / "last.pt", weights_only=False)
+    at3 = torch.load(ckpt / "ckpt_00000003.pt", weights_only=False)
+    assert last["step"] == 6   # skipped steps count as steps (the schedule moved on)
+    p3, p6 = _params(at3), _params(last)
+    assert all(torch.equal(p3[k], p6[k]) for k in p3)      # steps 4-6: nothing applied
+    assert all(torch.isfinite(v).all() for v in p6.values())
+    o3, o6 = at3["optimizer"]["state"], last["optimizer"]["state"]
+    assert all(torch.equal(o3[i][k], o6[i][k]) for i in o3 for k in o3[i])
+    assert int(o6[0]["step"]) == 2                          # Adam's count: calls 1 and 3
 
 
 def test_a_short_run_learns(prepared, tmp_path):
@@ -136,3 +168,25 @@ def test_profile_writes_a_trace_with_the_named_ranges(prepared, tmp_path, kind):
     for name in ("data", "decode", "audio_features", "forward", "loss", "backward",
                  "optimizer"):
         assert f'"name": "{name}"' in text, name
+
+
+def test_a_non_finite_loss_on_one_of_two_ranks_is_skipped_by_both(prepared, tmp_path):
+    """2 gloo ranks under torchrun, rank 1's loss NaN at its 2nd step: every rank skips that
+    update (the decision is all-reduced on the device), none waits forever in DDP's all-reduce,
+    and the run finishes with finite parameters (before: no progress in 120 s)."""
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", "29531", str(Path(__file__).parent / "ddp_nonfinite_run.py"),
+           str(tmp_path), *FAST, f"train.data={prepared}", "train.epochs=3",
+           "loss.kind=infonce", "sampler.pairs=inbatch", "loader.kind=memory"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    print(p.stdout[-2000:], p.stderr[-3000:])
+    assert p.returncode == 0
+    r = [json.loads((tmp_path / f"result_{k}.json").read_text()) for k in (0, 1)]
+    assert r[0]["steps"] == r[1]["steps"] == 3
+    assert r[0]["skipped_nonfinite"] == r[1]["skipped_nonfinite"] == 1   # rank 0 skipped too
+    assert np.isfinite(r[0]["losses"]).all() and np.isnan(r[1]["losses"][1])
+    params = torch.load(tmp_path / "params_0.pt")
+    assert all(torch.isfinite(v).all() for v in params.values() if v.is_floating_point())

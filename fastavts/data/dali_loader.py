@@ -1,21 +1,34 @@
-"""The DALI loader: the sampler's plans through two DALI pipelines per rank.
+"""The DALI loader: the sampler's plans through DALI pipelines, several per rank.
 
-    video pipeline (batch B):  parallel external_source (Python workers read the planned
-        segment files and frame indices) -> fn.decoders.video (`mixed`: NVDEC on the GPU;
-        `cpu`: FFmpeg, VP8/VP9/MJPEG) -> fn.slice (the planned crop) ->
-        fn.crop_mirror_normalize (planned flip, mean/std, layout CFHW)  =>  (B, 3, T, c, c)
-    audio pipeline (batch M):  external_source (windows sliced from the memory-mapped bank,
-        with STFT context) -> fn.spectrogram -> fn.mel_filter_bank -> fn.to_decibels
-        (on the GPU when the video is)                                =>  (M, 1, n_mels, F)
+    video pipelines (batch B, `loader.video_pipelines` of them, taking batches in turn):
+        parallel external_source (Python workers read the planned segment files and frame
+        indices) -> fn.decoders.video (`mixed`: NVDEC on the GPU; `cpu`: FFmpeg, VP8/VP9/MJPEG;
+        pad_mode="none": a frame index past the end of the file is an error, never a black
+        frame) -> fn.slice (the planned crop) -> fn.crop_mirror_normalize (planned flip,
+        mean/std, layout CFHW)                                        =>  (B, 3, T, c, c)
+    audio pipeline (batch M, one):  parallel external_source (windows sliced from the
+        memory-mapped bank, with STFT context) -> fn.spectrogram -> fn.mel_filter_bank ->
+        fn.to_decibels (on the GPU when the video is)                 =>  (M, 1, n_mels, F)
 
-DALI's spectrogram takes one 1-D signal per sample, so the audio windows (M = B in paired
-mode, B(1+k) in inbatch mode) run as their own pipeline, in lockstep with the video one.
-Both hand torch tensors over through DALIGenericIterator (on the GPU, without host copies).
-The plan's bookkeeping (labels, kinds, ids, times) comes from the same plan in this process.
+Why several video pipelines: one DALI pipeline drives one NVDEC engine (NVIDIA/DALI issue
+6387: one pipeline used ~14 % of a GH200's decoders, seven ~100 %); an H100/H200 has seven.
 
-A batch DALI cannot decode is checked clip by clip with PyAV; the clips that fail are
-excluded from then on (replaced by another clip of their batch, sampler.substitute), counted,
-and the pipelines are rebuilt to start again at that batch.
+The pipelines run over the rest of training as one flat sequence of batches, not epoch by epoch:
+batch `g` counted from the start (g = epoch * batches_per_epoch + batch) is made by video
+pipeline `(g - first) % K` and by the audio pipeline, and every source computes its plan from g
+alone. Nothing is reset at an epoch's end, so a run resumed at any batch, epoch ends included,
+decodes exactly the batches an uninterrupted run would; each pipeline also hands back the
+(epoch, batch) it made, and the loader checks it against the plan it attaches (a mismatch is
+an internal error, never a silently mislabelled batch). DALI's spectrogram takes one 1-D signal
+per sample, so the audio windows (M = B in paired mode, B(1+k) in inbatch mode) run in a
+pipeline of their own. Outputs reach torch through DALIGenericIterator (on the GPU, without
+host copies); the plan's bookkeeping (labels, kinds, ids, times) comes from the same plan in
+this process.
+
+Errors: a decode error of `fn.decoders.video` is checked clip by clip with PyAV; the clips
+that fail are excluded from then on (replaced by another clip of their batch), counted, and the
+pipelines restart at that batch. Out-of-memory, a missing NVDEC library and every other error
+stop with a message that says what to do; they are not blamed on the data.
 """
 from __future__ import annotations
 
@@ -27,6 +40,29 @@ import numpy as np
 from .features import AudioGeometry, audio_window, hann
 from .loader import BaseLoader, plan_meta, substitute
 
+# NVDEC engines per GPU (NVIDIA Video Codec SDK support matrix); one video pipeline each.
+NVDEC_ENGINES = {"H200": 7, "H100": 7, "GH200": 7, "B200": 7, "A100": 5, "A30": 4, "L40S": 3,
+                 "L40": 3, "L4": 4, "A10": 1, "T4": 2}
+
+
+def default_video_pipelines(gpu_name: str | None) -> int:
+    """loader.video_pipelines=0 (auto): one per NVDEC engine of the GPU, 4 for GPUs not in
+    the table, 1 on a CPU (the CPU decoder uses the pipeline's threads instead)."""
+    if not gpu_name:
+        return 1
+    for key in sorted(NVDEC_ENGINES, key=len, reverse=True):   # "GH200" before "H200"
+        if key in gpu_name.split() or f" {key}" in f" {gpu_name}":
+            return NVDEC_ENGINES[key]
+    return 4
+
+
+def default_threads(pipelines: int, gpu: bool) -> int:
+    """loader.threads=0 (auto): this rank's share of the cores split over its pipelines, at
+    least 2 (the CPU decoder and the mixed decoder's demuxing run on these threads)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    cores = max(1, (os.cpu_count() or 2) // max(1, local))
+    return max(2, cores // max(1, pipelines)) if gpu else max(1, cores)
+
 
 def planned(sampler, epoch: int, batch: int, exclude: frozenset) -> dict:
     """The plan with excluded videos' clips replaced (same in every process)."""
@@ -36,31 +72,38 @@ def planned(sampler, epoch: int, batch: int, exclude: frozenset) -> dict:
 
 
 class _Source:
-    """Base of the two external-source callables: maps DALI's (epoch_idx, iteration) to
-    (epoch, batch) and caches the current plan. Picklable (parallel workers get a copy)."""
+    """Base of the external-source callables: iteration i of a pipeline makes flat batch
+    `first + offset + i * stride` of the run (g = epoch * batches_per_epoch + batch), up to
+    `end` (exclusive). Stateless apart from a plan cache; picklable (parallel workers get a
+    copy, and DALI may call them a few iterations past the end: they keep raising
+    StopIteration there)."""
 
-    def __init__(self, root: str, sampler, epoch: int, start: int, exclude: frozenset,
-                 batch_size: int):
-        self.root, self.sampler = root, sampler
-        self.epoch0, self.start, self.exclude, self.batch_size = epoch, start, exclude, batch_size
+    def __init__(self, root: str, sampler, first: int, end: int, offset: int, stride: int,
+                 exclude: frozenset, batch_size: int):
+        self.root, self.sampler, self.exclude, self.batch_size = root, sampler, exclude, batch_size
+        self.first, self.end, self.offset, self.stride = first, end, offset, stride
         self._key = self._plan = None
 
-    def plan_for(self, epoch_idx: int, iteration: int) -> dict:
-        epoch = self.epoch0 + epoch_idx
-        batch = (self.start if epoch_idx == 0 else 0) + iteration
-        if batch >= len(self.sampler):
+    def plan_for(self, iteration: int) -> dict:
+        g = self.first + self.offset + iteration * self.stride
+        if g >= self.end:
             raise StopIteration
-        if self._key != (epoch, batch):
-            self._key, self._plan = (epoch, batch), planned(self.sampler, epoch, batch,
-                                                            self.exclude)
+        key = divmod(g, len(self.sampler))
+        if self._key != key:
+            self._key, self._plan = key, planned(self.sampler, *key, self.exclude)
         return self._plan
+
+    @staticmethod
+    def key_of(plan) -> np.ndarray:
+        return np.array([plan["epoch"], plan["batch"]], np.int64)
 
 
 class ClipSource(_Source):
-    """Per sample: encoded segment bytes, frame indices in the segment, crop anchor, flip."""
+    """Per sample: encoded segment bytes, frame indices in the segment, crop anchor, flip,
+    and the (epoch, batch) the sample belongs to."""
 
     def __call__(self, info):
-        plan = self.plan_for(info.epoch_idx, info.iteration)
+        plan = self.plan_for(info.iteration)
         B = len(plan["clip_video"])
         i = info.idx_in_batch % B  # eval's partial last batch: repeat, trimmed later
         v = self.sampler.videos[int(plan["clip_video"][i])]
@@ -70,11 +113,12 @@ class ClipSource(_Source):
         first = int(plan["clip_frame"][i]) - seg["start_frame"]
         frames = (first + d.frame_stride * np.arange(d.clip_frames)).astype(np.int32)
         anchor = np.array([plan["crop_y"][i], plan["crop_x"][i]], np.int32)
-        return data, frames, anchor, np.array(int(plan["flip"][i]), np.int32)
+        return data, frames, anchor, np.array(int(plan["flip"][i]), np.int32), self.key_of(plan)
 
 
 class AudioSource(_Source):
-    """Per batch: the M audio windows (float32, with STFT context) of the plan."""
+    """Per batch: the M audio windows (float32, with STFT context) of the plan, and the
+    (epoch, batch) of each."""
 
     def __call__(self, info):
         from .audio_bank import AudioBank
@@ -82,13 +126,15 @@ class AudioSource(_Source):
         if not hasattr(self, "_bank"):
             self._bank = AudioBank(self.root)
             self._geo = AudioGeometry(self.sampler.data)
-        plan = self.plan_for(info.epoch_idx, info.iteration)
+        plan = self.plan_for(info.iteration)
         wins = [audio_window(self._bank, self.sampler.videos[int(v)], float(t), self._geo)
                 for v, t in zip(plan["audio_video"], plan["audio_t0"])]
-        return wins + [wins[-1]] * (self.batch_size - len(wins))  # pad a partial last batch
+        wins += [wins[-1]] * (self.batch_size - len(wins))  # pad a partial last batch
+        return wins, [self.key_of(plan)] * len(wins)
 
 
-def build_pipelines(loader: "DALILoader", epoch: int, start: int, exclude: frozenset):
+def build_pipelines(loader: "DALILoader", first: int, end: int, exclude: frozenset):
+    """(video pipelines, audio pipeline) making flat batches [first, end) of the run."""
     from nvidia.dali import fn, pipeline_def, types
 
     cfg, d, lc = loader.cfg, loader.cfg.data, loader.cfg.loader
@@ -96,30 +142,38 @@ def build_pipelines(loader: "DALILoader", epoch: int, start: int, exclude: froze
     device_id = loader.device_id if gpu else None
     B = lc.batch_size
     M = B * (1 + cfg.sampler.k) if cfg.sampler.pairs == "inbatch" else B
+    K = loader.video_pipelines
     geo = AudioGeometry(d)
     root = str(loader.root)
     parallel = lc.workers > 0
+    common = dict(num_threads=loader.threads, device_id=device_id,
+                  prefetch_queue_depth=lc.prefetch, exec_dynamic=True,
+                  py_num_workers=max(1, lc.workers), py_start_method="spawn")
 
-    @pipeline_def(batch_size=B, num_threads=lc.threads, device_id=device_id,
-                  prefetch_queue_depth=lc.prefetch, py_num_workers=max(1, lc.workers),
-                  py_start_method="spawn", exec_dynamic=True)
-    def video_pipeline():
-        src = ClipSource(root, loader.sampler, epoch, start, exclude, B)
-        enc, frames, anchor, flip = fn.external_source(
-            source=src, num_outputs=4, batch=False, parallel=parallel,
-            dtype=[types.UINT8, types.INT32, types.INT32, types.INT32])
-        video = fn.decoders.video(enc, device="mixed" if gpu else "cpu", frames=frames)
-        video = fn.slice(video, anchor, np.array([d.crop, d.crop], np.int32), axes=[1, 2],
-                         out_of_bounds_policy="error")
-        return fn.crop_mirror_normalize(
-            video, mirror=flip, dtype=types.FLOAT, output_layout="CFHW",
-            mean=[m * 255 for m in d.mean], std=[s * 255 for s in d.std])
+    def video_pipeline(j):
+        @pipeline_def(batch_size=B, **common)
+        def pipe():
+            src = ClipSource(root, loader.sampler, first, end, j, K, exclude, B)
+            enc, frames, anchor, flip, key = fn.external_source(
+                source=src, num_outputs=5, batch=False, parallel=parallel,
+                dtype=[types.UINT8, types.INT32, types.INT32, types.INT32, types.INT64])
+            # pad_mode="none": an index past the file's last frame (a manifest that does not
+            # match the file) raises, and the fault path sees it; the default pads black frames
+            video = fn.decoders.video(enc, device="mixed" if gpu else "cpu", frames=frames,
+                                      pad_mode="none")
+            video = fn.slice(video, anchor, np.array([d.crop, d.crop], np.int32), axes=[1, 2],
+                             out_of_bounds_policy="error")
+            video = fn.crop_mirror_normalize(
+                video, mirror=flip, dtype=types.FLOAT, output_layout="CFHW",
+                mean=[m * 255 for m in d.mean], std=[s * 255 for s in d.std])
+            return video, key
+        return pipe()
 
-    @pipeline_def(batch_size=M, num_threads=lc.threads, device_id=device_id,
-                  prefetch_queue_depth=lc.prefetch, exec_dynamic=True)
+    @pipeline_def(batch_size=M, **common)
     def audio_pipeline():
-        src = AudioSource(root, loader.sampler, epoch, start, exclude, M)
-        wave = fn.external_source(source=src, batch=True, batch_info=True, dtype=types.FLOAT)
+        src = AudioSource(root, loader.sampler, first, end, 0, 1, exclude, M)
+        wave, key = fn.external_source(source=src, num_outputs=2, batch=True, batch_info=True,
+                                       parallel=parallel, dtype=[types.FLOAT, types.INT64])
         if gpu:
             wave = wave.gpu()
         spec = fn.spectrogram(wave, nfft=geo.n_fft, window_length=geo.win,
@@ -128,9 +182,57 @@ def build_pipelines(loader: "DALILoader", epoch: int, start: int, exclude: froze
         mel = fn.mel_filter_bank(spec, sample_rate=geo.sr, nfilter=geo.n_mels,
                                  freq_low=geo.fmin, freq_high=geo.fmax, normalize=True,
                                  mel_formula="slaney")
-        return fn.to_decibels(mel, multiplier=10.0, reference=1.0, cutoff_db=geo.floor_db)
+        return fn.to_decibels(mel, multiplier=10.0, reference=1.0, cutoff_db=geo.floor_db), key
 
-    return video_pipeline(), audio_pipeline()
+    return [video_pipeline(j) for j in range(K)], audio_pipeline()
+
+
+# --------------------------------------------------------------------------------------------
+# Which errors are the data's fault
+
+OOM_MARKERS = ("out of memory", "cuda_error_out_of_memory", "cudaerrormemoryallocation",
+               "bad_alloc", "can't allocate", "cannot allocate", "allocation failed")
+NO_DECODER_MARKERS = ("nvcuvid", "cuda_error_no_device", "no cuda-capable device",
+                      "nvdec is not available", "video capability")
+DECODER_OPS = ("decoders.video", "decoders__video")
+
+
+def classify_error(err: BaseException) -> str:
+    """'oom', 'no_decoder', 'decode' (the video decoder failed on some input: a candidate
+    fault, checked with PyAV) or 'other'."""
+    msg = str(err).lower()
+    if any(m in msg for m in OOM_MARKERS):
+        return "oom"
+    if any(m in msg for m in NO_DECODER_MARKERS):
+        return "no_decoder"
+    if any(m in msg for m in DECODER_OPS):
+        return "decode"
+    return "other"
+
+
+class LoaderError(RuntimeError):
+    """The DALI pipelines stopped for a reason that is not a damaged input."""
+
+
+def explain(kind: str, err: BaseException, device: str) -> LoaderError:
+    first = str(err).strip().splitlines()
+    head = " ".join(first[:12])[:1500]
+    if kind == "oom":
+        return LoaderError(
+            f"the DALI pipelines ran out of memory (loader.device={device}): lower "
+            f"loader.batch_size, loader.video_pipelines or loader.prefetch, or leave the "
+            f"model more room. DALI said: {head}")
+    if kind == "no_decoder":
+        return LoaderError(
+            "DALI's `mixed` video decoder needs NVDEC (libnvcuvid.so from the NVIDIA driver, "
+            "and in a container the 'video' driver capability: NVIDIA_DRIVER_CAPABILITIES="
+            "compute,video,utility); it is not available here. Use loader.device=cpu on a set "
+            "prepared with prepare.codec=vp9, or loader.kind=pyav. DALI said: " + head)
+    return LoaderError(f"the DALI pipelines failed (not a decoding error of one input, so no "
+                       f"clip was skipped): {head}")
+
+
+# --------------------------------------------------------------------------------------------
 
 
 class DALILoader(BaseLoader):
@@ -144,6 +246,15 @@ class DALILoader(BaseLoader):
             want = "gpu" if torch.cuda.is_available() else "cpu"
         self.device = want
         self.device_id = int(os.environ.get("LOCAL_RANK", 0))
+        gpu_name = None
+        if self.device == "gpu":
+            import torch
+            if torch.cuda.is_available():
+                gpu_name = torch.cuda.get_device_name(self.device_id)
+        lc = cfg.loader
+        self.video_pipelines = lc.video_pipelines or (default_video_pipelines(gpu_name)
+                                                      if self.device == "gpu" else 1)
+        self.threads = lc.threads or default_threads(self.video_pipelines, self.device == "gpu")
         if self.device == "cpu":
             codecs = {v.get("codec") for v in self.sampler.videos}
             if codecs - {"vp9", "vp8", "mjpeg"}:
@@ -152,53 +263,81 @@ class DALILoader(BaseLoader):
                                  f"runs, or use loader.kind=pyav")
         self.exclude: frozenset = frozenset()
         self._its = None
-        self._next = None  # (epoch, batch) the running pipelines will produce next
+        self._first = self._next = 0   # flat index the pipelines started at / will make next
+
+    # flat batch indices: g = epoch * n + batch
+    def _flat(self, epoch: int, batch: int) -> int:
+        return epoch * len(self.sampler) + batch
 
     def _start(self, epoch: int, start: int) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self._stop()
-        vp, ap = build_pipelines(self, epoch, start, self.exclude)
-        kw = dict(last_batch_policy=LastBatchPolicy.FILL, auto_reset=False,
+        n = len(self.sampler)
+        first = self._flat(epoch, start)
+        # to the end of training, and at least to the end of this epoch (a caller may run
+        # past total_epochs: a benchmark, an evaluation)
+        end = max(self.total_epochs * n, (epoch + 1) * n)
+        videos, audio = build_pipelines(self, first, end, self.exclude)
+        # the sources end every pipeline's data with StopIteration on a whole batch, so the
+        # policy never applies; PARTIAL says so (no padding, no dropping)
+        kw = dict(last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False,
                   prepare_first_batch=False)
-        self._its = (DALIGenericIterator([vp], ["video"], **kw),
-                     DALIGenericIterator([ap], ["audio"], **kw))
-        self._next = (epoch, start)
+        self._its = ([DALIGenericIterator([p], ["video", "key"], **kw) for p in videos],
+                     DALIGenericIterator([audio], ["audio", "key"], **kw))
+        self._first, self._next = first, first
 
     def _stop(self) -> None:
         self._its = None  # pipelines and their workers go with the iterators
 
     def close(self) -> None:
         self._stop()
-        self._next = None
+
+    def _next_outputs(self, g: int):
+        vits, ait = self._its
+        with self.range("decode"):          # the video pipeline's batch
+            (vout,) = next(vits[(g - self._first) % len(vits)])
+        with self.range("audio_features"):  # the log-mel pipeline's batch
+            (aout,) = next(ait)
+        return vout, aout
 
     def _batches(self, epoch: int, start: int) -> Iterator[dict]:
-        if self._its is None or self._next != (epoch, start):
+        n = len(self.sampler)
+        if self._its is None or self._next != self._flat(epoch, start):
             self._start(epoch, start)
         b = start
-        while b < len(self.sampler):
+        while b < n:
+            g = self._flat(epoch, b)
             try:
-                with self.range("decode"):          # the video pipeline's batch
-                    (vout,) = next(self._its[0])
-                with self.range("audio_features"):  # the log-mel pipeline's batch
-                    (aout,) = next(self._its[1])
-            except StopIteration:
-                break
-            except RuntimeError as e:  # a clip DALI cannot decode: find it, exclude, restart
-                self._on_decode_error(epoch, b, e)
+                vout, aout = self._next_outputs(g)
+            except StopIteration:   # past the end the pipelines were built for
+                if self._next == self._first:
+                    raise RuntimeError(f"internal error: the DALI pipelines made no batch from "
+                                       f"batch {b} of epoch {epoch} on") from None
+                self._start(epoch, b)
+                continue
+            except Exception as e:  # noqa: BLE001 -- sorted below; only decode errors go on
+                kind = classify_error(e)
+                if kind != "decode":
+                    self._stop()
+                    raise explain(kind, e, self.device) from e
+                self._on_decode_error(epoch, b, e)   # raises where PyAV reads every clip
                 self._start(epoch, b)
                 continue
             plan = planned(self.sampler, epoch, b, self.exclude)
+            for name, out in (("video", vout), ("audio", aout)):
+                got = tuple(int(x) for x in out["key"][0].tolist())
+                if got != (epoch, b):
+                    self._stop()
+                    raise RuntimeError(f"internal error: the DALI {name} pipeline made batch "
+                                       f"{got[1]} of epoch {got[0]} where batch {b} of epoch "
+                                       f"{epoch} was due; please report it")
             B, M = len(plan["clip_video"]), len(plan["kind"])
             out = dict(video=vout["video"][:B], audio=aout["audio"][:M].unsqueeze(1),
                        **plan_meta(plan))
             b += 1
-            self._next = (epoch, b)
+            self._next = g + 1
             yield out
-        # the epoch is over: the pipelines go on with the next epoch from its first batch
-        for it in self._its:
-            it.reset()
-        self._next = (epoch + 1, 0)
 
     def _on_decode_error(self, epoch: int, batch: int, err: Exception) -> None:
         plan = planned(self.sampler, epoch, batch, self.exclude)
@@ -212,7 +351,8 @@ class DALILoader(BaseLoader):
             except Exception as e2:
                 bad[i] = f"{type(e2).__name__}: {e2}"
         if not bad:  # PyAV reads them all: the DALI error is not about one clip
-            raise RuntimeError(f"DALI failed on batch {batch} of epoch {epoch} and every clip "
-                               f"of it decodes with PyAV; not a damaged file: {err}") from err
+            self._stop()
+            raise LoaderError(f"DALI failed on batch {batch} of epoch {epoch} and every clip "
+                              f"of it decodes with PyAV; not a damaged file: {err}") from err
         self.record_faults(plan, bad)
         self.exclude = self.exclude | {int(plan["clip_video"][i]) for i in bad}

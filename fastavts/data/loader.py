@@ -58,16 +58,31 @@ def plan_meta(plan: dict) -> dict:
     """The plan's bookkeeping as torch tensors (what the loss and the metrics need)."""
     import torch
 
+    def t(a, dtype):  # a copy: plans are shared, read-only arrays (Sampler.plan caches them)
+        return torch.from_numpy(np.array(a, dtype=dtype))
+
     return dict(
-        label=torch.from_numpy(plan["label"]), kind=torch.from_numpy(plan["kind"].astype(np.int64)),
-        clip_video=torch.from_numpy(plan["clip_video"]),
-        clip_t0=torch.from_numpy(plan["clip_t0"].astype(np.float32)),
-        audio_video=torch.from_numpy(plan["audio_video"]),
-        audio_t0=torch.from_numpy(plan["audio_t0"].astype(np.float32)),
-        audio_owner=torch.from_numpy(plan["audio_owner"]),
+        label=t(plan["label"], np.int64), kind=t(plan["kind"], np.int64),
+        clip_video=t(plan["clip_video"], np.int64), clip_t0=t(plan["clip_t0"], np.float32),
+        audio_video=t(plan["audio_video"], np.int64), audio_t0=t(plan["audio_t0"], np.float32),
+        audio_owner=t(plan["audio_owner"], np.int64),
         hard_share=float(plan["hard_share"]), epoch=plan["epoch"], batch=plan["batch"],
         fallback_easy=plan["fallback_easy"], faults=len(plan.get("substituted", ())),
     )
+
+
+META_KEYS = ("label", "kind", "clip_video", "clip_t0", "audio_video", "audio_t0", "audio_owner")
+
+
+def pin_meta(batch: dict) -> dict:
+    """The batch's host tensors (bookkeeping; video and audio too where a loader makes them on
+    the host) in page-locked memory, so that the trainer's
+    `.to(cuda, non_blocking=True)` is an asynchronous copy (a pageable one waits for the host).
+    PyTorch's caching host allocator makes this cheap after the first batches."""
+    for k, t in batch.items():
+        if hasattr(t, "is_pinned") and t.device.type == "cpu" and not t.is_pinned():
+            batch[k] = t.pin_memory()
+    return batch
 
 
 class BaseLoader(ABC):
@@ -95,6 +110,8 @@ class BaseLoader(ABC):
         # (the trainer sets this with train.profile or train.nvtx); PyAV workers have none
         self.range = lambda name: nullcontext()
         self.fault_log: list[dict] = []  # (epoch, batch, video, error)
+        import torch
+        self.pin_memory = torch.cuda.is_available()
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -113,13 +130,19 @@ class BaseLoader(ABC):
                 f"First ones: {self.fault_log[:3]}")
 
     def epoch(self, epoch: int) -> Iterator[dict]:
-        """Batches of `epoch` from the saved position on (0 unless resumed mid-epoch)."""
+        """Batches of `epoch` from the saved position on (0 unless resumed mid-epoch). On a
+        CUDA machine the host-side tensors come in page-locked memory (see pin_meta)."""
         if self.sampler.epoch != epoch:
             self.sampler.set_epoch(epoch)
         start = self.sampler.next_batch
         for batch in self._batches(epoch, start):
+            if batch["epoch"] != epoch or batch["batch"] != self.sampler.next_batch:
+                raise RuntimeError(  # a bug of ours: the data would not be the plan's
+                    f"internal error: the {self.kind} loader produced batch {batch['batch']} of "
+                    f"epoch {batch['epoch']} where batch {self.sampler.next_batch} of epoch "
+                    f"{epoch} was due; please report it")
             self.sampler.next_batch = batch["batch"] + 1
-            yield batch
+            yield pin_meta(batch) if self.pin_memory else batch
 
     @abstractmethod
     def _batches(self, epoch: int, start: int) -> Iterator[dict]:

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import asdict
 from typing import Optional, Sequence
 
@@ -37,6 +39,7 @@ import numpy as np
 from ..config import DataConfig, SamplerConfig
 
 POSITIVE, EASY, HARD, SUPERHARD = 0, 1, 2, 3
+PLAN_CACHE = 64   # plans kept per process (the prefetch depth of every pipeline fits)
 KIND_NAMES = ("positive", "easy", "hard", "superhard")
 
 
@@ -104,6 +107,13 @@ class Sampler:
                                      total_steps=total_epochs * self.batches_per_epoch)
         self.epoch, self.next_batch = 0, 0
         self.frame_size = frame_size
+        # the epoch's permutation (~2 ms for 240k videos) is kept for the epoch in hand, and the
+        # last few plans too: a loader asks for the same plan from its sources and for the
+        # batch's bookkeeping. Both are pure functions of their keys, so caching is exact; the
+        # lock covers DALI's source threads.
+        self._lock = threading.Lock()
+        self._shard_key = self._shard = None
+        self._plans: OrderedDict = OrderedDict()
 
     # ---------------------------------------------------------------------------------------
     # per-video geometry
@@ -151,8 +161,11 @@ class Sampler:
         return self._rng(epoch, 0).permutation(n)
 
     def shard(self, epoch: int) -> np.ndarray:
-        """This rank's items of the epoch, in order."""
-        return self.epoch_items(epoch)[self.rank::self.world_size]
+        """This rank's items of the epoch, in order (computed once per epoch)."""
+        with self._lock:
+            if self._shard_key != epoch:
+                self._shard_key, self._shard = epoch, self.epoch_items(epoch)[self.rank::self.world_size]
+            return self._shard
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -171,6 +184,23 @@ class Sampler:
         audio_video, audio_t0, audio_owner, kind, label (M,) with M = B (paired) or B(1+k)."""
         if not 0 <= batch < self.batches_per_epoch:
             raise IndexError(f"batch {batch} outside [0, {self.batches_per_epoch})")
+        key = (int(epoch), int(batch))
+        with self._lock:
+            hit = self._plans.get(key)
+            if hit is not None:
+                self._plans.move_to_end(key)
+                return hit
+        plan = self._make_plan(*key)
+        for v in plan.values():   # shared by every caller: nobody may change it in place
+            if isinstance(v, np.ndarray):
+                v.flags.writeable = False
+        with self._lock:
+            self._plans[key] = plan
+            while len(self._plans) > PLAN_CACHE:
+                self._plans.popitem(last=False)
+        return plan
+
+    def _make_plan(self, epoch: int, batch: int) -> dict:
         items = self.shard(epoch)[batch * self.batch_size:(batch + 1) * self.batch_size]
         B = len(items)
         gbatch = batch * self.world_size + self.rank  # unique id of this batch in the epoch
@@ -289,6 +319,15 @@ class Sampler:
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.next_batch = epoch, 0
 
+    def __getstate__(self):  # pickled into DALI's and DataLoader's worker processes
+        s = dict(self.__dict__)
+        s["_lock"], s["_shard_key"], s["_shard"], s["_plans"] = None, None, None, OrderedDict()
+        return s
+
+    def __setstate__(self, s):
+        self.__dict__.update(s)
+        self._lock = threading.Lock()
+
     def __iter__(self):
         """Plans from the current position to the end of the epoch; the position advances as
         plans are taken, so state_dict() mid-epoch resumes at the next one."""
@@ -312,6 +351,9 @@ class Sampler:
             raise ValueError("the saved sampler position belongs to another dataset, config, batch "
                              "size or world size; resume with the same ones")
         self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])
+        if self.next_batch >= self.batches_per_epoch:
+            # saved right after an epoch's last batch: the next batch is the next epoch's first
+            self.epoch, self.next_batch = self.epoch + 1, 0
 
 
 def _segment_of(v: dict, frame: int) -> int:
