@@ -184,8 +184,9 @@ class ModelConfig:
                     choices=("auto", "default", "tiny"))
     dim: int = _f(128, "embedding size of both projections", min=2)
     tiny_width: int = _f(8, "tiny towers: width of the first stage (then x2, x4, x8)", min=2)
-    time_bins: int = _f(0, "keep this many time steps in the tiny video net's and the audio "
-                        "net's features before the projection (0 = global pooling)", min=0)
+    time_bins: int = _f(0, "keep this many time steps in both towers' features before the "
+                        "projection (0 = global pooling); at most what the video net keeps "
+                        "(R(2+1)D-18/R3D-18: clip_frames / 8; MC3-18, tiny: clip_frames)", min=0)
     normalize: bool = _f(True, "L2-normalise the embeddings (distances in [0, 2])")
 
 

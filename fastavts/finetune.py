@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -39,17 +38,14 @@ def finetune(checkpoint: str | Path, dataset: str, root: str | Path, prepared: s
     from .data.loader import make_loader
     from .models.avts import AVTS
     from .offset import load_model
-    from .train import lr_factor, optimizer_step, resolve_auto, save_checkpoint
+    from .train import lr_factor, optimizer_step, resolve_auto, save_checkpoint, setup_distributed
 
     t_start = time.perf_counter()
     split_def = read_split(dataset, root, split, prepared)
     ids = match_prepared(split_def, prepared)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    cuda = torch.cuda.is_available()
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    # the rank's CUDA device is set before the process group starts (and handed to it)
+    rank, world, device = setup_distributed()
+    cuda = device.type == "cuda"
 
     pre, ckpt_cfg = load_model(checkpoint, "cpu")
     over = ["sampler.pairs=paired", "sampler.curriculum=[[0.0,0.0]]",
@@ -97,7 +93,7 @@ def finetune(checkpoint: str | Path, dataset: str, root: str | Path, prepared: s
                            f"{dataset} --split {split}{' --scratch' if scratch else ''}")
 
     bar = tqdm(total=total, desc="finetune", unit="step", disable=not (progress and rank == 0))
-    losses, clips, step = [], 0, 0
+    losses, pending, clips, step = [], [], 0, 0
     t0 = time.perf_counter()
     model.train()
     for epoch in range(epochs):
@@ -113,9 +109,14 @@ def finetune(checkpoint: str | Path, dataset: str, root: str | Path, prepared: s
             optimizer_step(model, opt, scaler, sched, tc.grad_clip)
             step += 1
             clips += len(y) * world
-            losses.append(float(loss.item()))
+            pending.append(loss.detach())
             bar.update()
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+            if step % tc.log_every == 0:   # the host reads the losses now and then, not per step
+                losses.extend(torch.stack(pending).tolist())
+                pending.clear()
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    if pending:
+        losses.extend(torch.stack(pending).tolist())
     bar.close()
     train_s = time.perf_counter() - t0
     loader.close()

@@ -9,6 +9,12 @@ deprecated `pynvml` package). Every `interval_s` the thread records, for one GPU
   mem_used_mb   device memory in use (all processes)
   power_w       board power draw
   sm_clock_mhz, mem_clock_mhz
+  nvdec_util    % of the period the video decoders (NVDEC) were busy (NaN where NVML does
+                not report it)
+
+The GPU is the one torch uses (its UUID, so CUDA_VISIBLE_DEVICES given as indices, UUIDs or
+prefixes of them, and any CUDA_DEVICE_ORDER, all name the right NVML device). A MIG instance
+has no utilisation counters in NVML: the monitor says so and stays off.
 
 `summary()` gives the median and the 10th percentile of each (`gpu_sm_util_median`,
 `gpu_sm_util_p10`, ...). Without a GPU, NVML or the package, the monitor says why once and
@@ -20,7 +26,8 @@ import threading
 
 import numpy as np
 
-FIELDS = ("sm_util", "mem_bw_util", "mem_used_mb", "power_w", "sm_clock_mhz", "mem_clock_mhz")
+FIELDS = ("sm_util", "mem_bw_util", "mem_used_mb", "power_w", "sm_clock_mhz", "mem_clock_mhz",
+          "nvdec_util")
 _WARNED: set[str] = set()
 
 
@@ -49,12 +56,13 @@ class GpuMonitor:
         if self._nvml is not None:
             try:
                 self._nvml.nvmlInit()
-                if device_index is None:
-                    device_index = _current_cuda_index()
-                if self._nvml.nvmlDeviceGetCount() <= device_index:
-                    self.reason = "no NVIDIA GPU visible to NVML"
+                if device_index is not None:     # an NVML index, given by the caller
+                    if self._nvml.nvmlDeviceGetCount() <= device_index:
+                        self.reason = "no NVIDIA GPU visible to NVML"
+                    else:
+                        self._handle = self._nvml.nvmlDeviceGetHandleByIndex(device_index)
                 else:
-                    self._handle = self._nvml.nvmlDeviceGetHandleByIndex(device_index)
+                    self._handle, self.reason = nvml_handle(self._nvml, *_torch_device())
             except Exception as e:   # NVMLError_LibraryNotFound, _DriverNotLoaded, ...
                 self.reason = f"NVML unavailable ({type(e).__name__}: {e})"
         if self.reason:
@@ -79,7 +87,11 @@ class GpuMonitor:
             _say_once(self.reason, False)
             self._handle = None
             return None
-        s = (float(u.gpu), float(u.memory), mem.used / 2**20, power, float(smc), float(memc))
+        try:   # not every GPU, driver or sandbox reports the decoders: NaN, not the end
+            dec = float(n.nvmlDeviceGetDecoderUtilization(h)[0])
+        except Exception:
+            dec = float("nan")
+        s = (float(u.gpu), float(u.memory), mem.used / 2**20, power, float(smc), float(memc), dec)
         self.samples.append(s)
         return s
 
@@ -110,8 +122,10 @@ class GpuMonitor:
         a = np.asarray(self.samples, dtype=float)
         out = {"gpu_samples": len(a)}
         for i, f in enumerate(FIELDS):
-            out[f"gpu_{f}_median"] = round(float(np.median(a[:, i])), 1)
-            out[f"gpu_{f}_p10"] = round(float(np.percentile(a[:, i], 10)), 1)
+            col = a[:, i][np.isfinite(a[:, i])]
+            if len(col):
+                out[f"gpu_{f}_median"] = round(float(np.median(col)), 1)
+                out[f"gpu_{f}_p10"] = round(float(np.percentile(col, 10)), 1)
         return out
 
     def __enter__(self):
@@ -121,17 +135,59 @@ class GpuMonitor:
         self.stop()
 
 
-def _current_cuda_index() -> int:
-    """NVML counts all GPUs; torch's current device under CUDA_VISIBLE_DEVICES maps to it."""
-    import os
+def _torch_device() -> tuple[int, str | None]:
+    """(torch's current CUDA index, its UUID as NVML writes it or None)."""
     try:
         import torch
-        idx = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        if not torch.cuda.is_available():
+            return 0, None
+        idx = torch.cuda.current_device()
+        uuid = getattr(torch.cuda.get_device_properties(idx), "uuid", None)
+        return idx, (str(uuid) if uuid is not None else None)
     except Exception:
-        idx = 0
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    ids = [v.strip() for v in visible.split(",") if v.strip()]
-    if ids and idx < len(ids) and ids[idx].isdigit():
-        return int(ids[idx])
-    return idx
+        return 0, None
 
+
+def _text(x) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def nvml_handle(nvml, torch_index: int, torch_uuid: str | None = None,
+                visible: str | None = None):
+    """(NVML handle, None) of the GPU torch calls `torch_index`, or (None, why not).
+
+    NVML counts every GPU of the machine in PCI order; torch counts the ones
+    CUDA_VISIBLE_DEVICES names, in CUDA's order. The UUID torch reports settles it; without one,
+    the CUDA_VISIBLE_DEVICES entry at torch's index: a number (NVML's index where CUDA's
+    order is the PCI order), a UUID `GPU-...` or a prefix of one, or a MIG instance."""
+    import os
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "") if visible is None else visible
+    entries = [v.strip() for v in visible.split(",") if v.strip()]
+    entry = entries[torch_index] if torch_index < len(entries) else None
+    mig_msg = ("MIG instance {}: NVML reports no utilisation counters per MIG instance "
+               "(only for the whole GPU, other tenants included)")
+    if entry and entry.startswith("MIG-"):
+        return None, mig_msg.format(entry)
+    count = nvml.nvmlDeviceGetCount()
+    uuids = [_text(nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(i)))
+             for i in range(count)]
+    if torch_uuid:
+        bare = torch_uuid.lower().removeprefix("gpu-").removeprefix("mig-")
+        for i, u in enumerate(uuids):
+            if u.lower().removeprefix("gpu-") == bare:
+                return nvml.nvmlDeviceGetHandleByIndex(i), None
+        return None, mig_msg.format(torch_uuid) if count else "no NVIDIA GPU visible to NVML"
+    if entry is None:
+        index = torch_index
+    elif entry.isdigit():   # CUDA's order; the same as NVML's for identical GPUs
+        index = int(entry)
+    else:
+        hits = [i for i, u in enumerate(uuids) if u.lower().startswith(entry.lower())]
+        if len(hits) != 1:
+            return None, (f"CUDA_VISIBLE_DEVICES entry {entry!r} matches {len(hits)} of the "
+                          f"machine's {count} GPUs")
+        index = hits[0]
+    if index >= count:
+        return None, "no NVIDIA GPU visible to NVML"
+    return nvml.nvmlDeviceGetHandleByIndex(index), None

@@ -106,6 +106,17 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def optimizer_step(model, opt, scaler, sched, grad_clip: float) -> None:
+    """Unscale and clip the gradients (grad_clip > 0), step the optimizer through the grad
+    scaler (a no-op scaler outside fp16), then the schedule (fine-tuning's step)."""
+    if grad_clip:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+
+
 def setup_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this process. Under torchrun the CUDA device of
     LOCAL_RANK is made current *before* the process group starts, and the group is given it

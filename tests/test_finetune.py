@@ -201,3 +201,56 @@ def test_finetune_under_torchrun_with_two_gloo_ranks(ucf, tiny_checkpoint, tmp_p
     # 12 training videos x 4 clips = 48 items over 2 ranks of batch 4: 6 steps an epoch each
     assert r0[0]["steps"] == 12
     assert (tmp_path / "ddp" / "checkpoints" / "last.pt").is_file()
+
+
+def _fake_two_gpu_rank(monkeypatch):
+    """Rank 1 of 2 on a machine with 2 (mocked) CUDA devices; records the CUDA-only calls."""
+    import torch
+    import torch.distributed as dist
+
+    calls = []
+    for k, v in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool([c for c in calls if c[0] == "init"]))
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, **kw: calls.append(("init", backend, kw)))
+    return calls
+
+
+def test_the_rank_device_is_set_before_the_process_group_starts(monkeypatch):
+    import torch
+
+    from fastavts.train import setup_distributed
+
+    calls = _fake_two_gpu_rank(monkeypatch)
+    rank, world, device = setup_distributed()
+    cuda1 = torch.device("cuda", 1)
+    assert (rank, world, device) == (1, 2, cuda1)
+    assert calls == [("set_device", cuda1), ("init", "nccl", {"device_id": cuda1})]
+    assert torch.backends.cudnn.benchmark is True
+    monkeypatch.setenv("LOCAL_RANK", "2")     # a third process on a 2-GPU machine: said clearly
+    with pytest.raises(RuntimeError, match="LOCAL_RANK=2 but this machine shows 2 CUDA"):
+        setup_distributed()
+
+
+def test_finetune_and_train_start_their_ranks_through_setup_distributed(
+        ucf, tiny_checkpoint, tmp_path, monkeypatch):
+    import fastavts.train as tr
+    from fastavts.finetune import finetune
+
+    class Started(Exception):
+        pass
+
+    def sentinel():
+        raise Started
+
+    monkeypatch.setattr(tr, "setup_distributed", sentinel)
+    with pytest.raises(Started):
+        finetune(tiny_checkpoint, "ucf101", ucf, ucf / "prepared", 1, out=tmp_path / "f")
+    from fastavts.config import build_config
+    with pytest.raises(Started):
+        tr.train(build_config(), tmp_path / "t")

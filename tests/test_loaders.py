@@ -227,3 +227,128 @@ def test_memory_loader_refuses_a_set_larger_than_its_limit(one_object):
     with pytest.raises(MemoryError, match=r"loader.memory_gb=.*loader.kind=dali"):
         loader(one_object, "memory", f"loader.memory_gb={need * 0.9}")
     loader(one_object, "memory", f"loader.memory_gb={need * 1.1}")   # just fits: accepted
+
+
+def _truncate_video(path, keep: int) -> None:
+    """Re-encode a prepared VP9 file keeping only its first `keep` frames (the manifest still
+    counts them all: a file that does not match its manifest)."""
+    import av
+
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(keep), c.decode(s))]
+        rate = s.average_rate
+    tmp = path.with_name("tmp_" + path.name)
+    with av.open(str(tmp), "w") as o:
+        st = o.add_stream("libvpx-vp9", rate=rate)
+        st.height, st.width = frames[0].shape[:2]
+        st.pix_fmt = "yuv420p"
+        for a in frames:
+            for p in st.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                o.mux(p)
+        for p in st.encode():
+            o.mux(p)
+    tmp.replace(path)
+
+
+@pytest.mark.parametrize("kind", ["dali", "pyav", "memory"])
+def test_frames_past_the_end_of_a_file_are_a_fault_not_black_frames(one_object, tmp_path, kind):
+    """DALI's decoders.video pads indices past the end with black frames by default; the loader
+    asks for pad_mode='none', so a manifest that promises frames the file lacks is a fault:
+    reported, counted, the video left out, and no constant frame reaches a batch."""
+    root = tmp_path / "prepared"
+    shutil.copytree(one_object, root)
+    victim = Dataset.open(root).videos[1]
+    _truncate_video(root / victim["segments"][0]["path"], keep=victim["num_frames"] // 3)
+    L = loader(root, kind, "sampler.clips_per_video=4")
+    bad = L.video_ids.index(victim["id"])
+    n = 0
+    for b in L.epoch(0):
+        n += 1
+        assert bad not in b["clip_video"].tolist()
+        flat = b["video"].flatten(3).std(-1)                 # (B, 3, T): 0 for a constant frame
+        assert (flat > 1e-3).all(), "a constant (padded) frame in the batch"
+    assert n == len(L) and L.faults[victim["id"]] >= 1
+    assert "could not be decoded" in L.fault_log[0]["error"]
+
+
+def test_several_dali_pipelines_give_the_batches_of_one(one_object):
+    """loader.video_pipelines=3 (taking batches in turn) = one pipeline, across epochs, and a
+    resume at an epoch's end continues with the next epoch's first batch."""
+    small = "loader.batch_size=3"   # 4 batches an epoch
+    one = loader(one_object, "dali", small)
+    three = loader(one_object, "dali", small, "loader.video_pipelines=3")
+    assert three.video_pipelines == 3 and len(one) >= 3
+    for epoch in (0, 1):
+        pairs = list(zip(one.epoch(epoch), three.epoch(epoch)))
+        assert len(pairs) == len(one)
+        for a, b in pairs:
+            for k in META:
+                assert torch.equal(a[k], b[k]), k
+            assert torch.equal(a["video"], b["video"]) and torch.equal(a["audio"], b["audio"])
+    state = three.state_dict()              # right after epoch 1's last batch
+    assert state["sampler"]["next_batch"] == len(three)
+    R = loader(one_object, "dali", small, "loader.video_pipelines=3")
+    R.load_state_dict(state)
+    assert (R.sampler.epoch, R.sampler.next_batch) == (2, 0)
+    got = list(R.epoch(2))
+    want = list(one.epoch(2))
+    assert len(got) == len(want) == len(one)
+    for a, b in zip(got, want):
+        assert torch.equal(a["video"], b["video"]) and torch.equal(a["kind"], b["kind"])
+
+
+def test_a_damaged_file_with_several_pipelines(one_object, tmp_path):
+    root = tmp_path / "prepared"
+    shutil.copytree(one_object, root)
+    victim = Dataset.open(root).videos[4]
+    path = root / victim["segments"][0]["path"]
+    path.write_bytes(np.random.default_rng(1).integers(0, 256, path.stat().st_size,
+                                                        dtype=np.uint8).tobytes())
+    L = loader(root, "dali", "sampler.clips_per_video=4", "loader.video_pipelines=2")
+    batches = list(L.epoch(0))
+    assert len(batches) == len(L) and L.faults[victim["id"]] >= 1
+    assert [b["batch"] for b in batches] == list(range(len(L)))
+
+
+@pytest.mark.parametrize("message,expect", [
+    ("Critical error in pipeline: Error in MIXED operator `nvidia.dali.fn.decoders.video`: "
+     "CUDA error: out of memory", "ran out of memory"),
+    ("Error in MIXED operator `nvidia.dali.fn.decoders.video`: Assert on \"lib_handle_\" "
+     "failed: Failed to load libnvcuvid.so", "needs NVDEC"),
+    ("Error in CPU operator `nvidia.dali.fn.spectrogram`: something else", "not a decoding error"),
+])
+def test_only_decode_errors_are_faults(one_object, monkeypatch, message, expect):
+    """Out of memory, a missing NVDEC library or any other pipeline error stops with a message
+    that says what to do; nothing is decoded with PyAV and no video is blamed."""
+    from fastavts.data import dali_loader
+
+    L = loader(one_object, "dali")
+
+    def fail(self, g):
+        raise RuntimeError(message)
+
+    def no_pyav(*a, **k):
+        raise AssertionError("PyAV was asked to check the batch")
+
+    monkeypatch.setattr(dali_loader.DALILoader, "_next_outputs", fail)
+    monkeypatch.setattr(L.dataset, "frames", no_pyav)
+    with pytest.raises(dali_loader.LoaderError, match=expect):
+        next(L.epoch(0))
+    assert not L.faults and not L.exclude
+
+
+def test_each_plan_is_made_once_and_each_permutation_once_per_epoch(one_object, monkeypatch):
+    from fastavts.data import sampler as S
+
+    made, perms = [], []
+    real_plan, real_items = S.Sampler._make_plan, S.Sampler.epoch_items
+    monkeypatch.setattr(S.Sampler, "_make_plan",
+                        lambda self, e, b: made.append((e, b)) or real_plan(self, e, b))
+    monkeypatch.setattr(S.Sampler, "epoch_items",
+                        lambda self, e: perms.append(e) or real_items(self, e))
+    L = loader(one_object, "dali", "loader.video_pipelines=2")
+    for epoch in (0, 1):
+        assert len(list(L.epoch(epoch))) == len(L)
+    assert len(made) == len(set(made)) and {(e, b) for e in (0, 1) for b in range(len(L))} <= set(made)
+    assert len(perms) == len(set(perms))

@@ -1,4 +1,5 @@
 """Networks: parameter counts of Tran et al.'s definitions, shapes, torchvision's layout."""
+import numpy as np
 import pytest
 import torch
 
@@ -45,3 +46,34 @@ def test_torchvision_weights_load_and_give_the_same_outputs(name):
     x = torch.randn(2, 3, 8, 56, 56)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x))
+
+
+@pytest.mark.parametrize("name,frames,bins", [("r2plus1d_18", 16, 2), ("mc3_18", 8, 4),
+                                              ("r3d_18", 16, 2), ("tiny", 8, 4)])
+def test_time_bins_on_every_video_net(name, frames, bins):
+    """model.time_bins reaches every video net: the features are the last stage's output
+    averaged over space and over each bin of time, computed here from that output with NumPy."""
+    from fastavts.config import build_config
+
+    cfg = build_config(overrides=[f"model.video={name}", "model.audio=tiny",
+                                  f"model.time_bins={bins}", f"data.clip_frames={frames}"])
+    net = AVTS.from_config(cfg).video_net.eval()
+    assert net.out_dim == 512 * bins if name != "tiny" else 64 * bins
+    seen = {}
+    net.layer4.register_forward_hook(lambda m, i, o: seen.__setitem__("x", o.detach().numpy()))
+    with torch.no_grad():
+        got = net(torch.randn(2, 3, frames, 32, 32)).numpy()
+    x = seen["x"]                                        # (B, C, T', H', W')
+    assert x.shape[2] == net.time_steps(frames)
+    bins_of_t = np.array_split(np.arange(x.shape[2]), bins)
+    want = np.stack([x[:, :, t].mean(axis=(2, 3, 4)) for t in bins_of_t], -1)  # (B, C, bins)
+    np.testing.assert_allclose(got, want.reshape(2, -1), rtol=1e-5, atol=1e-6)
+
+
+def test_time_bins_beyond_what_a_net_keeps_are_refused():
+    from fastavts.config import ConfigError, build_config
+
+    cfg = build_config(overrides=["model.video=r2plus1d_18", "model.audio=tiny",
+                                  "model.time_bins=4", "data.clip_frames=16"])
+    with pytest.raises(ConfigError, match=r"model.time_bins=4: r2plus1d_18 keeps 2 time step"):
+        AVTS.from_config(cfg)

@@ -190,3 +190,56 @@ def test_a_non_finite_loss_on_one_of_two_ranks_is_skipped_by_both(prepared, tmp_
     assert np.isfinite(r[0]["losses"]).all() and np.isnan(r[1]["losses"][1])
     params = torch.load(tmp_path / "params_0.pt")
     assert all(torch.isfinite(v).all() for v in params.values() if v.is_floating_point())
+
+
+class _OnTheGpu:
+    """Stands for an RNG state that torch.load(map_location='cuda') put on the GPU:
+    torch.set_rng_state refuses it; `.cpu()` brings the bytes back."""
+
+    def __init__(self, t):
+        self._t, self.device = t, torch.device("cuda", 0)
+
+    def cpu(self):
+        return self._t.clone()
+
+
+def test_rng_states_restore_from_a_checkpoint_whose_tensors_were_moved_to_a_gpu(monkeypatch):
+    from fastavts.train import rng_state, set_rng_state
+
+    saved = rng_state()
+    want = torch.rand(4)                      # what the restored torch RNG must give
+    got_cuda = []
+
+    def strict_cuda_set(states):              # torch.cuda.set_rng_state_all's own rule
+        assert all(type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == torch.uint8
+                   for t in states)
+        got_cuda.extend(states)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", strict_cuda_set)
+    moved = dict(saved, torch=_OnTheGpu(saved["torch"]),
+                 cuda=[_OnTheGpu(saved["torch"]), _OnTheGpu(saved["torch"])])  # 2-GPU machine
+    torch.rand(100)                           # move the RNG on
+    set_rng_state(moved)
+    assert torch.equal(torch.rand(4), want)
+    assert len(got_cuda) == 1 and torch.equal(got_cuda[0], saved["torch"])
+
+
+def test_a_checkpoint_written_on_a_gpu_loads_here(tmp_path, monkeypatch):
+    """Every tensor of a GPU run's checkpoint is tagged cuda:0; the trainer loads it onto the
+    CPU (the model and optimizer then copy what they need to their own device)."""
+    import torch.serialization as ser
+
+    from fastavts.train import load_checkpoint, rng_state
+
+    state = dict(model={"w": torch.randn(3)}, rng=rng_state())
+    with monkeypatch.context() as m:
+        m.setattr(ser, "location_tag", lambda storage: "cuda:0")
+        torch.save(state, tmp_path / "gpu.pt")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(tmp_path / "gpu.pt", weights_only=False)   # the file does say cuda:0
+    back = load_checkpoint(tmp_path / "gpu.pt")
+    assert back["model"]["w"].device.type == "cpu" and torch.equal(back["model"]["w"], state["model"]["w"])
+    assert back["rng"]["torch"].device.type == "cpu"

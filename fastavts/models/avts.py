@@ -32,7 +32,7 @@ class AVTS(nn.Module):
             raise ValueError(f"unknown audio net {audio!r}; choose one of {', '.join(AUDIO_NETS)}")
         widths = tuple(tiny_width * k for k in (1, 2, 4, 8))
         self.video_net = (VIDEO_NETS[video](widths=widths, time_bins=time_bins) if video == "tiny"
-                          else VIDEO_NETS[video]())
+                          else VIDEO_NETS[video](time_bins=time_bins))
         self.audio_net = (AUDIO_NETS[audio](widths, time_bins=time_bins) if audio == "tiny"
                           else AUDIO_NETS[audio](time_bins=time_bins))
         self.video_proj = projection(self.video_net.out_dim, dim)
@@ -46,8 +46,17 @@ class AVTS(nn.Module):
     def from_config(cls, cfg) -> "AVTS":
         """The model a resolved config describes (cfg.model; the classifier for loss.kind=ce)."""
         m = cfg.model
-        return cls(m.video, m.audio, m.dim, m.normalize, classifier=cfg.loss.kind == "ce",
-                   tiny_width=m.tiny_width, time_bins=m.time_bins)
+        model = cls(m.video, m.audio, m.dim, m.normalize, classifier=cfg.loss.kind == "ce",
+                    tiny_width=m.tiny_width, time_bins=m.time_bins)
+        steps = model.video_net.time_steps(cfg.data.clip_frames)
+        if m.time_bins > steps:
+            from ..config import ConfigError
+            raise ConfigError(
+                f"model.time_bins={m.time_bins}: {m.video} keeps {steps} time step(s) of a "
+                f"{cfg.data.clip_frames}-frame clip (it strides in time), so at most {steps} "
+                f"bins can differ; use model.time_bins<={steps}, more data.clip_frames, or a "
+                f"net that keeps every frame (mc3_18, tiny)")
+        return model
 
     def embed_video(self, clip):
         f = self.video_net(clip)

@@ -121,9 +121,14 @@ class VideoResNet(nn.Module):
         for i, (maker, n, w) in enumerate(zip(conv_makers, layers, widths)):
             setattr(self, f"layer{i + 1}", self._make_layer(maker, w, n, stride=1 if i == 0 else 2))
         # time_bins > 0 keeps that many steps of time (averaging space only) in the features
+        self.time_bins = time_bins
         self.avgpool = nn.AdaptiveAvgPool3d((time_bins or 1, 1, 1))
         self.out_dim = widths[-1] * max(1, time_bins)
-        self.fc = nn.Linear(widths[-1], num_classes) if num_classes else None
+        self.fc = nn.Linear(self.out_dim, num_classes) if num_classes else None
+        # frames per time step after the stem and the four stages (stride-2 stages that also
+        # stride in time halve it, rounding up: a 3-tap padded convolution)
+        self.time_strides = [conv_makers[i].downsample_stride(1 if i == 0 else 2)[0]
+                             for i in range(len(layers))]
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -145,6 +150,13 @@ class VideoResNet(nn.Module):
         out += [BasicBlock(planes, planes, conv_builder) for _ in range(1, blocks)]
         return nn.Sequential(*out)
 
+    def time_steps(self, frames: int) -> int:
+        """Time steps left in the last stage's output for a clip of `frames` frames."""
+        t = frames
+        for st in self.time_strides:
+            t = -(-t // st)
+        return t
+
     def forward(self, x):                         # (B, 3, T, H, W)
         x = self.stem(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
@@ -152,17 +164,19 @@ class VideoResNet(nn.Module):
         return self.fc(x) if self.fc is not None else x
 
 
-def r2plus1d_18(num_classes: int = 0) -> VideoResNet:
-    return VideoResNet(R2Plus1dStem(), [Conv2Plus1D] * 4, [2, 2, 2, 2], num_classes=num_classes)
+def r2plus1d_18(num_classes: int = 0, time_bins: int = 0) -> VideoResNet:
+    return VideoResNet(R2Plus1dStem(), [Conv2Plus1D] * 4, [2, 2, 2, 2], num_classes=num_classes,
+                       time_bins=time_bins)
 
 
-def mc3_18(num_classes: int = 0) -> VideoResNet:
+def mc3_18(num_classes: int = 0, time_bins: int = 0) -> VideoResNet:
     return VideoResNet(BasicStem(), [Conv3DSimple] + [Conv3DNoTemporal] * 3, [2, 2, 2, 2],
-                       num_classes=num_classes)
+                       num_classes=num_classes, time_bins=time_bins)
 
 
-def r3d_18(num_classes: int = 0) -> VideoResNet:
-    return VideoResNet(BasicStem(), [Conv3DSimple] * 4, [2, 2, 2, 2], num_classes=num_classes)
+def r3d_18(num_classes: int = 0, time_bins: int = 0) -> VideoResNet:
+    return VideoResNet(BasicStem(), [Conv3DSimple] * 4, [2, 2, 2, 2], num_classes=num_classes,
+                       time_bins=time_bins)
 
 
 def tiny(num_classes: int = 0, widths: Sequence[int] = (8, 16, 32, 64),
