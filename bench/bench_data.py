@@ -1,14 +1,17 @@
 """Data pipeline throughput: clips/s of the DALI and PyAV loaders on a prepared set.
 
     python bench/bench_data.py --device cpu --loader dali pyav --batch-size 16 --workers 2
-    python bench/bench_data.py --device gpu --loader dali pyav --batch-size 64 --workers 16
+    python bench/bench_data.py --device gpu --loader dali pyav --batch-size 64 --pipelines 1 2 4 7
 
 Without --data it makes (once, cached) a synthetic set of 10-s videos and prepares it: VP9 for
 --device cpu (DALI's CPU decoder), H.264 for --device gpu (NVDEC). Each loader is warmed up
 for --warmup batches, then timed over --repeats windows of --batches batches; it prints the
 median and the spread (min-max) in clips/s, with peak host memory, the machine and versions,
-and appends one row per loader to bench/results/data.jsonl. On a GPU the clock stops after
-torch.cuda.synchronize(), so batches count only once they are on the device.
+and appends one row per loader (and per --pipelines value for DALI) to
+bench/results/data.jsonl as each is done. On a GPU the clock stops after
+torch.cuda.synchronize(), so batches count only once they are on the device, and NVML's SM
+and NVDEC (video decoder) utilisation are sampled over the timed windows: with enough
+pipelines the loader alone should be decode-engine-bound (NVDEC near 100 %).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import HERE, context, peak_rss_mb, synthetic_input, write_rows
+from common import HERE, Rows, context, peak_rss_mb, synthetic_input
 
 
 def prepared_set(args) -> Path:
@@ -34,15 +37,17 @@ def prepared_set(args) -> Path:
     return out
 
 
-def run_one(kind: str, root: Path, args) -> dict:
+def run_one(kind: str, root: Path, args, pipelines: int = 0) -> dict:
     import torch
 
     from fastavts.config import build_config
     from fastavts.data.loader import make_loader
+    from fastavts.gpu_monitor import GpuMonitor
 
     cfg = build_config(overrides=[
         f"loader.kind={kind}", f"loader.device={args.device}", f"loader.batch_size={args.batch_size}",
-        f"loader.workers={args.workers}", f"loader.threads={max(1, args.workers)}",
+        f"loader.workers={args.workers}", f"loader.threads={args.threads}",
+        f"loader.video_pipelines={pipelines}",
         f"sampler.pairs={args.pairs}", f"sampler.clips_per_video={args.clips_per_video}"])
     loader = make_loader(cfg, root, total_epochs=1000)
     sync = torch.cuda.synchronize if args.device == "gpu" else (lambda: None)
@@ -59,6 +64,7 @@ def run_one(kind: str, root: Path, args) -> dict:
         next(it)
     sync()
     startup = time.perf_counter() - t0
+    monitor = GpuMonitor(quiet=True).start() if args.device == "gpu" else None
     rates = []
     for _ in range(1 if args.once else args.repeats):
         t = time.perf_counter()
@@ -67,11 +73,16 @@ def run_one(kind: str, root: Path, args) -> dict:
             clips += len(next(it)["clip_video"])
         sync()
         rates.append(clips / (time.perf_counter() - t))
+    gpu = monitor.stop() if monitor is not None else {}
     loader.close()
-    return dict(loader=kind, clips_per_s_median=round(statistics.median(rates), 2),
+    extra = {}
+    if kind == "dali":
+        extra = dict(video_pipelines=loader.video_pipelines, threads=loader.threads)
+    return dict(loader=kind, **extra, batches_per_epoch=len(loader),
+                clips_per_s_median=round(statistics.median(rates), 2),
                 clips_per_s_min=round(min(rates), 2), clips_per_s_max=round(max(rates), 2),
                 repeats=len(rates), warmup_s=round(startup, 2), faults=sum(loader.faults.values()),
-                peak_rss_mb=peak_rss_mb())
+                peak_rss_mb=peak_rss_mb(), **gpu)
 
 
 def main() -> int:
@@ -80,12 +91,19 @@ def main() -> int:
     ap.add_argument("--loader", nargs="+", choices=["dali", "pyav"], default=["dali", "pyav"])
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", type=int, default=os.cpu_count(),
-                    help="PyAV DataLoader workers; DALI source workers and CPU threads")
+                    help="PyAV DataLoader workers; DALI source workers per pipeline")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="DALI threads per pipeline (0 = auto: the cores over the pipelines)")
+    ap.add_argument("--pipelines", type=int, nargs="+", default=[0],
+                    help="DALI video pipelines per process, one row each (0 = auto: one per "
+                    "NVDEC engine on a GPU); e.g. 1 2 4 7 on an H100/H200")
     ap.add_argument("--pairs", choices=["paired", "inbatch"], default="paired")
     ap.add_argument("--data", help="a prepared dataset (default: a cached synthetic one)")
     ap.add_argument("--videos", type=int, default=48)
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--clips-per-video", type=int, default=4)
+    ap.add_argument("--clips-per-video", type=int, default=32,
+                    help="clips per video and epoch: many batches an epoch, so a timed window "
+                    "is not mostly epoch starts")
     ap.add_argument("--warmup", type=int, default=3, help="batches before timing")
     ap.add_argument("--batches", type=int, default=8, help="batches per timed window")
     ap.add_argument("--repeats", type=int, default=3)
@@ -98,20 +116,27 @@ def main() -> int:
     root = Path(args.data) if args.data else prepared_set(args)
     ctx = context()
     print(f"machine: {ctx['machine']}\nversions: {ctx['versions']}\ndata: {root}")
-    rows = []
-    for kind in args.loader[:1] if args.once else args.loader:
-        r = run_one(kind, root, args)
+    rows = Rows(args.out, enabled=not args.once)
+    runs = [(k, p) for k in (args.loader[:1] if args.once else args.loader)
+            for p in (args.pipelines if k == "dali" else [0])]
+    for kind, pipes in runs[:1] if args.once else runs:
+        r = run_one(kind, root, args, pipes)
         r.update(bench="data", device=args.device, batch_size=args.batch_size,
                  workers=args.workers, pairs=args.pairs, data=str(root), **ctx)
-        rows.append(r)
+        rows.add(r)
+        extra = (f", {r['video_pipelines']} pipeline(s) x {r['threads']} threads"
+                 if kind == "dali" else "")
+        gpu = (f", SM {r['gpu_sm_util_median']} %, NVDEC {r.get('gpu_nvdec_util_median', '-')} %"
+               if "gpu_sm_util_median" in r else "")
         print(f"{kind:5s} on {args.device}: {r['clips_per_s_median']:.1f} clips/s (range "
               f"{r['clips_per_s_min']:.1f}-{r['clips_per_s_max']:.1f}, {r['repeats']} x "
               f"{args.batches} batches of {args.batch_size}), peak RSS {r['peak_rss_mb']} MB, "
-              f"{args.workers} workers")
-    if len(rows) == 2:
-        print(f"dali / pyav = {rows[0]['clips_per_s_median'] / rows[1]['clips_per_s_median']:.2f}")
-    if not args.once:
-        write_rows(args.out, rows)
+              f"{args.workers} workers{extra}{gpu}")
+    best = {k: max((r["clips_per_s_median"] for r in rows.rows if r["loader"] == k), default=None)
+            for k in ("dali", "pyav")}
+    if best["dali"] and best["pyav"]:
+        print(f"dali (best) / pyav = {best['dali'] / best['pyav']:.2f}")
+    rows.done()
     return 0
 
 

@@ -15,7 +15,10 @@ same count for every implementation so the rates compare like the times:
     forward+backward  6 B M D   (+ dV = W A and dA = W^T V, 2 B M D each)
 
 The compiled reference is the branch-free form (kernels.contrastive.inbatch_reference_branchless:
-one graph, no host sync). Rows go to bench/results/loss.jsonl with the machine and versions.
+one graph, no host sync). Rows go to bench/results/loss.jsonl with the machine and versions,
+each as soon as it is measured; a Triton row also carries its speed-ups and its loss's
+relative error against eager at the benchmark's own sizes. The default dtype is fp32, what the
+trainer hands the loss.
 Targets (DESIGN.md section 5, H100/H200): Triton forward+backward at most 1/3 of eager's time
 and 2/3 of compiled's; extra memory O((B + M) D).
 On a CPU the Triton kernel runs only under TRITON_INTERPRET=1 (far too slow to time): it is
@@ -27,7 +30,7 @@ import argparse
 import statistics
 import sys
 
-from common import HERE, context, quantile, time_calls, write_rows
+from common import HERE, Rows, context, quantile, time_calls
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -93,7 +96,9 @@ def main(argv=None) -> int:
                    default=[256, 1024, 4096, 8192] if cuda else [256, 1024])
     p.add_argument("--m-factor", type=int, default=2, help="M = this x B (default 2)")
     p.add_argument("--dims", type=int, nargs="+", default=[128, 512])
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16" if cuda else "fp32")
+    p.add_argument("--dtype", choices=list(DTYPES), nargs="+", default=["fp32"],
+                   help="embedding dtype(s); fp32 is what the trainer hands the loss (the towers "
+                   "normalise their embeddings in fp32 under bf16 autocast)")
     p.add_argument("--impl", nargs="+", choices=["eager", "compiled", "triton"],
                    default=["eager", "compiled", "triton"] if cuda else ["eager", "compiled"])
     p.add_argument("--passes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
@@ -112,56 +117,76 @@ def main(argv=None) -> int:
     if not cuda:
         print("NOTE: no CUDA GPU: CPU figures (eager and compiled reference); the Triton kernel "
               "and the targets need an H100/H200.")
-    rows = []
-    hdr = f"{'B':>6} {'M':>6} {'D':>4} {'pass':>8} {'impl':>9} {'median ms':>10} " \
+    rows = Rows(args.out, enabled=not args.once)
+    hdr = f"{'dtype':>5} {'B':>6} {'M':>6} {'D':>4} {'pass':>8} {'impl':>9} {'median ms':>10} " \
           f"{'p20':>9} {'p80':>9} {'TFLOP/s':>8} {'extra MB':>9}"
     print(hdr)
     fns = {impl: loss_fn(impl) for impl in args.impl}
-    for B in args.sizes:
-        M = args.m_factor * B
-        for D in args.dims:
-            inputs = make_inputs(B, M, D, DTYPES[args.dtype], device)
-            for ps in args.passes:
-                flops = (2 if ps == "fwd" else 6) * B * M * D
-                for impl in args.impl:
-                    if impl == "compiled":
-                        # a fresh compilation per configuration: one compiled function over the
-                        # whole grid hits dynamo's recompile limit (8) and silently runs eager
-                        torch._dynamo.reset()
-                        fns[impl] = loss_fn(impl)
-                    try:
-                        times, peak = time_one(fns[impl], inputs, ps == "fwd+bwd", args, device)
-                    except torch.OutOfMemoryError:
-                        torch.cuda.empty_cache()
-                        print(f"{B:>6} {M:>6} {D:>4} {ps:>8} {impl:>9}   out of memory")
-                        rows.append(dict(ctx, bench="loss", B=B, M=M, D=D, dtype=args.dtype,
-                                         pass_=ps, impl=impl, oom=True))
-                        continue
-                    med = statistics.median(times)
-                    row = dict(ctx, bench="loss", device=device, B=B, M=M, D=D, dtype=args.dtype,
-                               pass_=ps, impl=impl, median_ms=round(med, 4),
-                               p20_ms=round(quantile(times, 0.2), 4),
-                               p80_ms=round(quantile(times, 0.8), 4), repeats=len(times),
-                               tflops=float(f"{flops / (med * 1e-3) / 1e12:.4g}"),
-                               extra_mem_mb=None if peak is None else round(peak, 1),
-                               flop_count="fwd 2BMD, fwd+bwd 6BMD")
-                    rows.append(row)
-                    print(f"{B:>6} {M:>6} {D:>4} {ps:>8} {impl:>9} {med:>10.3f} "
-                          f"{row['p20_ms']:>9.3f} {row['p80_ms']:>9.3f} {row['tflops']:>8.4g} "
-                          f"{'-' if peak is None else f'{peak:.1f}':>9}")
-            del inputs
-    # speed-ups of the kernel, per configuration, where all three ran
-    for r in rows:
-        if r.get("impl") == "triton" and "median_ms" in r:
-            base = {q["impl"]: q["median_ms"] for q in rows if "median_ms" in q and
-                    (q["B"], q["D"], q["pass_"]) == (r["B"], r["D"], r["pass_"])}
-            ratio = lambda k: float(f"{base[k] / r['median_ms']:.3g}") if k in base else None  # noqa
-            r["vs_eager"], r["vs_compiled"] = ratio("eager"), ratio("compiled")
-            print(f"triton B={r['B']} D={r['D']} {r['pass_']}: {r['vs_eager']}x eager, "
-                  f"{r['vs_compiled']}x compiled")
-    if not args.once:
-        write_rows(args.out, rows)
+    for dtype in args.dtype:
+        for B in args.sizes:
+            M = args.m_factor * B
+            for D in args.dims:
+                inputs = make_inputs(B, M, D, DTYPES[dtype], device)
+                for ps in args.passes:
+                    flops = (2 if ps == "fwd" else 6) * B * M * D
+                    done = {}
+                    for impl in args.impl:
+                        if impl == "compiled":
+                            # a fresh compilation per configuration: one compiled function over
+                            # the whole grid hits dynamo's recompile limit (8) and silently
+                            # runs eager
+                            torch._dynamo.reset()
+                            fns[impl] = loss_fn(impl)
+                        key = dict(ctx, bench="loss", device=device, B=B, M=M, D=D,
+                                   dtype=dtype, pass_=ps, impl=impl)
+                        try:
+                            times, peak = time_one(fns[impl], inputs, ps == "fwd+bwd", args,
+                                                   device)
+                        except torch.OutOfMemoryError:
+                            torch.cuda.empty_cache()
+                            print(f"{dtype:>5} {B:>6} {M:>6} {D:>4} {ps:>8} {impl:>9}   out of "
+                                  f"memory")
+                            rows.add(dict(key, oom=True))
+                            continue
+                        med = statistics.median(times)
+                        row = dict(key, median_ms=round(med, 4),
+                                   p20_ms=round(quantile(times, 0.2), 4),
+                                   p80_ms=round(quantile(times, 0.8), 4), repeats=len(times),
+                                   tflops=float(f"{flops / (med * 1e-3) / 1e12:.4g}"),
+                                   extra_mem_mb=None if peak is None else round(peak, 1),
+                                   flop_count="fwd 2BMD, fwd+bwd 6BMD")
+                        done[impl] = med
+                        if impl == "triton":
+                            # the speed-ups, and the kernel's loss against the eager one at the
+                            # benchmark's own sizes (the configurations autotuning picked)
+                            for base in ("eager", "compiled"):
+                                row[f"vs_{base}"] = (float(f"{done[base] / med:.3g}")
+                                                     if base in done else None)
+                            row["loss_rel_err_vs_eager"] = loss_error(fns, inputs)
+                        rows.add(row)
+                        print(f"{dtype:>5} {B:>6} {M:>6} {D:>4} {ps:>8} {impl:>9} {med:>10.3f} "
+                              f"{row['p20_ms']:>9.3f} {row['p80_ms']:>9.3f} "
+                              f"{row['tflops']:>8.4g} "
+                              f"{'-' if peak is None else f'{peak:.1f}':>9}"
+                              + (f"  {row['vs_eager']}x eager, {row['vs_compiled']}x compiled"
+                                 if impl == "triton" else ""))
+                del inputs
+    rows.done()
     return 0
+
+
+def loss_error(fns, inputs) -> float | None:
+    """|triton - eager| / |eager| of the forward loss on these inputs."""
+    import torch
+
+    if "eager" not in fns:
+        return None
+    v, a, *rest = inputs
+    kw = dict(margin=1.0, hard_share=0.25, hard_min_shift=0.5, sync_tol=0.02)
+    with torch.no_grad():
+        ref = float(fns["eager"](v, a, *rest, **kw))
+        got = float(fns["triton"](v, a, *rest, **kw))
+    return float(f"{abs(got - ref) / max(abs(ref), 1e-30):.3g}")
 
 
 if __name__ == "__main__":

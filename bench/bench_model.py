@@ -11,7 +11,9 @@ channels_last_3d on/off (video), torch.compile on/off and batch size: clips/s an
 (median and p20/p80 of --repeats steps after --warmup; CUDA events on a GPU). FLOPs are
 counted by torch.utils.flop_counter.FlopCounterMode over one real forward+backward (convs and
 matmuls; elementwise work left out); MFU = FLOPs per step / step time / the GPU's dense peak
-at that precision (table below; unknown GPUs and CPUs get no MFU). The cuDNN version is
+at that precision (table below: bf16 tensor cores for bf16; for fp32 the TF32 tensor cores,
+which cuDNN uses for fp32 convolutions by default; unknown GPUs and CPUs get no MFU). Each
+configuration compiles afresh and has its own peak memory; rows are appended as they are made. The cuDNN version is
 recorded: some cuDNN 9 releases leave the fast path for bf16/fp16 3D convolutions.
 Rows: bench/results/model.jsonl. Target (DESIGN.md section 5): R(2+1)D-18 16x112x112 bf16 at
 least 35 % MFU on an H100/H200.
@@ -22,25 +24,38 @@ import argparse
 import statistics
 import sys
 
-from common import HERE, context, quantile, time_calls, write_rows
+from common import HERE, Rows, context, quantile, time_calls
 
-# dense (no sparsity) peak TFLOP/s: (bf16/fp16 tensor cores, fp32 without TF32)
-PEAKS = {"H100 PCIe": (756.0, 51.2), "H100": (989.4, 66.9), "H200": (989.4, 66.9),
-         "A100": (312.0, 19.5), "L40S": (362.1, 91.6)}
+# dense (no sparsity) peak TFLOP/s from the vendors' datasheets: (bf16/fp16 tensor cores,
+# TF32 tensor cores, fp32 CUDA cores). NVL and PCIe parts run lower clocks and power than SXM
+# ones; nvidia-smi names the SXM parts plainly ("NVIDIA H100 80GB HBM3", "NVIDIA H200").
+PEAKS = {"H100 NVL": (835.5, 417.5, 60.0), "H100 PCIe": (756.5, 378.0, 51.2),
+         "H100": (989.4, 494.7, 66.9), "H200 NVL": (835.5, 417.5, 60.0),
+         "H200": (989.4, 494.7, 66.9), "GH200": (989.4, 494.7, 66.9),
+         "A100": (312.0, 156.0, 19.5), "L40S": (362.1, 183.0, 91.6)}
 VIDEO = ("r2plus1d_18", "mc3_18", "r3d_18", "tiny")
 AUDIO = ("audio", "audio_tiny")
 
 
-def peak_tflops(precision: str) -> float | None:
+def peak_for(gpu_name: str, precision: str, tf32: bool) -> tuple[float | None, str]:
+    """(dense peak TFLOP/s, which peak) for a GPU's name at a precision. fp32 convolutions run
+    on TF32 tensor cores while torch.backends.cudnn.allow_tf32 is on (PyTorch's default), so
+    their peak is the TF32 one; with it off, the fp32 CUDA cores'."""
+    import re
+
+    kind = "bf16" if precision in ("bf16", "fp16") else ("tf32" if tf32 else "fp32")
+    for key in sorted(PEAKS, key=len, reverse=True):   # "H100 NVL" before "H100"
+        if all(re.search(rf"\b{re.escape(part)}\b", gpu_name) for part in key.split()):
+            return PEAKS[key][("bf16", "tf32", "fp32").index(kind)], kind
+    return None, kind
+
+
+def peak_tflops(precision: str) -> tuple[float | None, str | None]:
     import torch
 
     if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for key in sorted(PEAKS, key=len, reverse=True):   # "H100 PCIe" before "H100"
-        if all(part in name for part in key.split()):
-            return PEAKS[key][0 if precision in ("bf16", "fp16") else 1]
-    return None
+        return None, None
+    return peak_for(torch.cuda.get_device_name(), precision, torch.backends.cudnn.allow_tf32)
 
 
 def build(name: str, dim: int = 128):
@@ -90,6 +105,11 @@ def run_config(name, precision, channels_last, compiled, batch, args, device):
     import torch
 
     cuda = device.type == "cuda"
+    if compiled:   # a fresh compilation per configuration (dynamo's recompile limit is 8)
+        torch._dynamo.reset()
+    if cuda:       # each configuration's own peak memory
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     model, is_video = build(name)
     model = model.to(device)
     if is_video:
@@ -106,7 +126,7 @@ def run_config(name, precision, channels_last, compiled, batch, args, device):
     times = time_calls(step, args.warmup, cuda)          # warm-up (and compilation)
     times = time_calls(step, 1 if args.once else args.repeats, cuda)
     med = statistics.median(times)
-    peak = peak_tflops(precision)
+    peak, peak_kind = peak_tflops(precision)
     return dict(model=name, precision=precision, channels_last=channels_last if is_video else None,
                 compile=compiled, batch=batch,
                 input=list(x.shape), ms_per_step=round(med, 3),
@@ -116,7 +136,7 @@ def run_config(name, precision, channels_last, compiled, batch, args, device):
                 tflops=float(f"{flops / (med / 1e3) / 1e12:.4g}"),
                 mfu=None if peak is None else round(flops / (med / 1e3) / (peak * 1e12), 4),
                 flop_count="torch.utils.flop_counter.FlopCounterMode, forward+backward",
-                peak_tflops=peak,
+                peak_tflops=peak, peak_kind=peak_kind,
                 max_mem_mb=round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None)
 
 
@@ -158,7 +178,7 @@ def main(argv=None) -> int:
         args.warmup = max(1, min(args.warmup, 3))
     print(f"{'model':>12} {'prec':>5} {'CL':>3} {'comp':>4} {'batch':>5} {'ms/step':>9} "
           f"{'p20':>8} {'p80':>8} {'clips/s':>9} {'TFLOP/s':>8} {'MFU':>6}")
-    rows = []
+    rows = Rows(args.out, enabled=not args.once)
     for cfg in configs:
         try:
             r = run_config(*cfg, args, device)
@@ -166,14 +186,13 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
             print(f"{cfg}: out of memory")
             continue
-        rows.append(dict(ctx, bench="model", device=device.type, **r))
+        rows.add(dict(ctx, bench="model", device=device.type, **r))
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         print(f"{r['model']:>12} {r['precision']:>5} {'y' if r['channels_last'] else 'n':>3} "
               f"{'y' if r['compile'] else 'n':>4} {r['batch']:>5} {r['ms_per_step']:>9.2f} "
               f"{r['p20_ms']:>8.2f} {r['p80_ms']:>8.2f} {r['clips_per_s']:>9.1f} "
               f"{r['tflops']:>8.4g} {mfu:>6}")
-    if not args.once:
-        write_rows(args.out, rows)
+    rows.done()
     return 0
 
 

@@ -5,14 +5,17 @@
     python bench/bench_train.py --once --loader dali  # one loader, a few steps (for nsys)
 
 For each loader (--loader dali pyav) on a prepared set (--data, or a cached synthetic set made
-like bench_data.py's: VP9 on a CPU, H.264 on a GPU), the model, optimizer, autocast and loss
-of `fastavts train` with the given config run --warmup steps, then --steps timed steps:
-clips/s, ms/step, and the share of the step time spent waiting for the next batch. Then, in the
-same process, the same configuration without the loader (one batch of that loader kept on the
-device, the same steps): model-only clips/s, and the ratio end-to-end / model-only (target
-DESIGN.md section 5: at least 0.9 on an H100/H200 with DALI). GPU counters (NVML: SM and
-memory utilisation, power; target SM utilisation over 90 %) are sampled during the timed
-end-to-end steps. Rows: bench/results/train.jsonl.
+like bench_data.py's: VP9 on a CPU, H.264 on a GPU; --clips-per-video makes every epoch many
+batches long), the training step of `fastavts train` itself (fastavts.train.TrainStep: model,
+fused optimizer, autocast, loss, clipping, the on-device non-finite skip) runs --warmup steps,
+then --steps timed steps in --windows windows (the device synchronised at the ends of a window
+only, as the trainer never waits inside a run): clips/s (median, min-max over the windows),
+ms/step, and the share of the time spent waiting for the next batch. Then, in the same
+process, the same step without the loader (one batch of that loader kept on the device):
+model-only clips/s, and the ratio end-to-end / model-only (target DESIGN.md section 5: at least
+0.9 on an H100/H200 with DALI). GPU counters (NVML: SM, memory and NVDEC utilisation, power;
+target SM utilisation over 90 %) are sampled during the timed end-to-end steps. Rows:
+bench/results/train.jsonl, each appended when its loader is done.
 """
 from __future__ import annotations
 
@@ -21,10 +24,9 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
-from common import HERE, context, write_rows
+from common import HERE, Rows, context
 
 GPU_MODEL = ["model.video=r2plus1d_18", "model.audio=default", "data.clip_frames=16",
              "data.crop=112", "train.precision=bf16", "loss.kind=contrastive",
@@ -44,37 +46,21 @@ def prepared_set(cache: str, videos: int, codec: str) -> Path:
 
 
 def setup(cfg, device):
+    """The trainer's model, optimizer, schedule, scaler and step (fastavts.train.TrainStep):
+    the benchmark times exactly the step `fastavts train` runs."""
     import torch
 
     from fastavts.models.avts import AVTS
+    from fastavts.train import TrainStep, make_optimizer
 
     model = AVTS.from_config(cfg).to(device)
     if cfg.train.channels_last:
         model.video_net.to(memory_format=torch.channels_last_3d)
     net = torch.compile(model) if cfg.train.compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
-    return model, net, opt, autocast
-
-
-def make_step(model, net, opt, autocast, cfg, device):
-    import torch
-
-    from fastavts.train import compute_loss
-
-    def step(batch):
-        video = batch["video"].to(device, non_blocking=True)
-        if cfg.train.channels_last:
-            video = video.contiguous(memory_format=torch.channels_last_3d)
-        audio = batch["audio"].to(device, non_blocking=True)
-        with autocast():
-            v, a, fv, fa = net(video, audio)
-            loss = compute_loss(model, cfg, batch, v, a, fv, fa)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
+    opt = make_optimizer(model.parameters(), cfg.train)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    return TrainStep(model, net, opt, scaler, sched, cfg, device)
 
 
 def run_loader(kind, root, args, base, device):
@@ -88,14 +74,12 @@ def run_loader(kind, root, args, base, device):
     cuda = device.type == "cuda"
     cfg = build_config(None, [*base, f"loader.kind={kind}", f"loader.batch_size={args.batch_size}",
                               f"loader.workers={args.workers}",
-                              f"loader.threads={max(1, args.workers)}", *args.overrides])
+                              f"sampler.clips_per_video={args.clips_per_video}", *args.overrides])
     cfg = resolve_auto(cfg, cuda)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    model, net, opt, autocast = setup(cfg, device)
-    step = make_step(model, net, opt, autocast, cfg, device)
+    step = setup(cfg, device)
     loader = make_loader(cfg, root, mode="train", total_epochs=1000)
-    need = args.warmup + args.steps
-    waits, totals, kept, monitor = [], [], None, None
+    waits, kept, monitor = [], None, None
 
     def batches():
         e = 0
@@ -103,43 +87,57 @@ def run_loader(kind, root, args, base, device):
             yield from loader.epoch(e)
             e += 1
     it = batches()
-    try:
-        for i in range(need):
-            if i == args.warmup:
-                sync()
-                monitor = GpuMonitor(quiet=True).start() if cuda else None
-            t0 = time.perf_counter()
-            batch = next(it)
-            t1 = time.perf_counter()
-            step(batch)
+
+    def windows(get_batch, record_wait: bool) -> list[float]:
+        """clips/s of --windows windows of --steps/--windows steps each; the clock is read with
+        the device synchronised at both ends of a window, never inside one (as in training)."""
+        n = max(1, min(args.windows, args.steps))
+        per = max(1, args.steps // n)
+        rates = []
+        for _ in range(n):
             sync()
-            t2 = time.perf_counter()
+            t = time.perf_counter()
+            for _ in range(per):
+                t0 = time.perf_counter()
+                batch = get_batch()
+                if record_wait:
+                    waits.append(time.perf_counter() - t0)
+                step(batch)
+            sync()
+            rates.append(args.batch_size * per / (time.perf_counter() - t))
+        return rates
+
+    try:
+        for _ in range(args.warmup):      # compilation, cuDNN autotuning, pipeline start
+            batch = next(it)
+            step(batch)
             if kept is None:
-                kept = {k: (x.to(device) if torch.is_tensor(x) else x) for k, x in batch.items()}
-            if i >= args.warmup:
-                waits.append(t1 - t0)
-                totals.append(t2 - t0)
+                kept = step.to_device(batch)
+        sync()
+        monitor = GpuMonitor(quiet=True).start() if cuda else None
+        t_all = time.perf_counter()
+        e2e_rates = windows(lambda: next(it), True)
+        e2e_wall = time.perf_counter() - t_all
     finally:
         gpu = monitor.stop() if monitor is not None else {}
         loader.close()
-    e2e_ms = statistics.median(totals) * 1e3
-    e2e = args.batch_size * len(totals) / sum(totals)
-    # the same configuration without the loader: one of its batches, on the device
-    m_times = []
-    for i in range(need):
-        t0 = time.perf_counter()
-        step(kept)
-        sync()
-        if i >= args.warmup:
-            m_times.append(time.perf_counter() - t0)
-    model_only = args.batch_size * len(m_times) / sum(m_times)
+    # the same step without the loader: one of its batches, kept on the device
+    model_rates = windows(lambda: kept, False)
+    e2e, model_only = statistics.median(e2e_rates), statistics.median(model_rates)
+    extra = {}
+    if kind == "dali":
+        extra = dict(video_pipelines=loader.video_pipelines, threads=loader.threads)
     return dict(loader=kind, loader_device=cfg.loader.device, model=f"{cfg.model.video}+"
                 f"{cfg.model.audio}", precision=cfg.train.precision,
                 clip=[cfg.data.clip_frames, cfg.data.crop, cfg.data.crop],
-                batch=args.batch_size, workers=args.workers, steps=len(totals),
-                clips_per_s=round(e2e, 1), ms_per_step_median=round(e2e_ms, 2),
-                data_wait_share=round(sum(waits) / sum(totals), 3),
+                batch=args.batch_size, workers=args.workers, steps=len(waits),
+                batches_per_epoch=len(loader), **extra,
+                clips_per_s=round(e2e, 1), clips_per_s_min=round(min(e2e_rates), 1),
+                clips_per_s_max=round(max(e2e_rates), 1), windows=len(e2e_rates),
+                ms_per_step_median=round(1e3 * args.batch_size / e2e, 2),
+                data_wait_share=round(sum(waits) / e2e_wall, 3),
                 model_only_clips_per_s=round(model_only, 1),
+                model_only_min_max=[round(min(model_rates), 1), round(max(model_rates), 1)],
                 ratio_to_model_only=round(e2e / model_only, 3), **gpu)
 
 
@@ -154,8 +152,14 @@ def main(argv=None) -> int:
     p.add_argument("--videos", type=int, default=64 if cuda else 32)
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "fastavts_bench"))
     p.add_argument("--batch-size", type=int, default=64 if cuda else 16)
-    p.add_argument("--workers", type=int, default=8 if cuda else 2)
-    p.add_argument("--steps", type=int, default=50 if cuda else 20)
+    p.add_argument("--workers", type=int, default=2,
+                   help="PyAV DataLoader workers; DALI source workers per pipeline")
+    p.add_argument("--clips-per-video", type=int, default=32 if cuda else 8,
+                   help="clips per video and epoch: many batches an epoch, so that the timed "
+                   "steps are not epoch starts")
+    p.add_argument("--steps", type=int, default=60 if cuda else 20, help="timed steps")
+    p.add_argument("--windows", type=int, default=5,
+                   help="the timed steps in this many windows (median and spread of clips/s)")
     p.add_argument("--warmup", type=int, default=10 if cuda else 3)
     p.add_argument("--once", action="store_true", help="the first loader, 3 + 5 steps")
     p.add_argument("--out", default=str(HERE / "results" / "train.jsonl"))
@@ -168,7 +172,7 @@ def main(argv=None) -> int:
     if bad or not args.loader:
         p.error(f"--loader takes dali, pyav and/or memory, got {bad or 'nothing'}")
     if args.once:
-        args.loader, args.warmup, args.steps = args.loader[:1], 3, 5
+        args.loader, args.warmup, args.steps, args.windows = args.loader[:1], 3, 5, 1
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
         torch.backends.cudnn.benchmark = True
@@ -181,17 +185,16 @@ def main(argv=None) -> int:
     print(f"machine: {ctx['machine']}\nversions: {ctx['versions']}\ngit: {ctx['git']}")
     if not cuda:
         print("NOTE: no CUDA GPU: CPU figures (the targets are for an H100/H200)")
-    rows = []
+    rows = Rows(args.out, enabled=not args.once)
     for kind in args.loader:
         r = run_loader(kind, root, args, base, device)
-        rows.append(dict(ctx, bench="train", data=str(root), **r))
+        rows.add(dict(ctx, bench="train", data=str(root), **r))
         print(f"{kind:>5}: {r['clips_per_s']} clips/s end to end ({r['ms_per_step_median']} ms/step),"
               f" data wait {100 * r['data_wait_share']:.1f} %, model alone "
               f"{r['model_only_clips_per_s']} clips/s, ratio {r['ratio_to_model_only']}"
               + (f", SM util median {r['gpu_sm_util_median']} %" if "gpu_sm_util_median" in r
                  else ""))
-    if not args.once:
-        write_rows(args.out, rows)
+    rows.done()
     return 0
 
 

@@ -23,7 +23,7 @@ def git_sha() -> str:
 
 def context() -> dict:
     """Machine, versions, git sha and date, for every row and for the printout."""
-    from fastavts.cli import _versions, machine_info
+    from fastavts.machine import machine_info, versions
 
     m = machine_info()
     try:
@@ -33,7 +33,7 @@ def context() -> dict:
             m["cudnn"] = torch.backends.cudnn.version()
     except ImportError:
         pass
-    return dict(machine=m, versions=_versions(), git=git_sha(),
+    return dict(machine=m, versions=versions(), git=git_sha(),
                 date=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
@@ -91,10 +91,29 @@ def quantile(xs, q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
-def write_rows(path: str | Path, rows: list[dict]) -> None:
+def write_rows(path: str | Path, rows: list[dict], quiet: bool = False) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         for r in rows:
             fh.write(json.dumps(r) + "\n")
-    print(f"{len(rows)} row(s) appended to {path}")
+    if not quiet:
+        print(f"{len(rows)} row(s) appended to {path}")
+
+
+class Rows:
+    """Rows appended to a .jsonl file as each is made (a run cut short by a time limit keeps
+    what it measured), and kept in memory; `enabled=False` (--once) records nothing."""
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path, self.enabled, self.rows = Path(path), enabled, []
+
+    def add(self, row: dict) -> dict:
+        self.rows.append(row)
+        if self.enabled:
+            write_rows(self.path, [row], quiet=True)
+        return row
+
+    def done(self) -> None:
+        if self.enabled:
+            print(f"{len(self.rows)} row(s) appended to {self.path}")

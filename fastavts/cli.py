@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -217,30 +216,13 @@ def cmd_finetune(args) -> int:
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("fastavts", "torch", "numpy", "av", "nvidia-dali-cuda130", "triton", "omegaconf",
-                 "tqdm"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
+    from .machine import versions
+    return versions()
 
 
 def machine_info() -> dict:
-    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "cpu": platform.processor() or platform.machine()}
-    try:
-        import torch
-        info["cuda"] = torch.cuda.is_available()
-        if info["cuda"]:
-            info["gpu"] = torch.cuda.get_device_name(0)
-            info["cuda_version"] = torch.version.cuda
-    except ImportError:
-        info["cuda"] = False
-    return info
+    from .machine import machine_info as info
+    return info()
 
 
 def cmd_info(args) -> int:
