@@ -46,7 +46,8 @@ def run_one(kind: str, root: Path, args, pipelines: int = 0) -> dict:
 
     cfg = build_config(overrides=[
         f"loader.kind={kind}", f"loader.device={args.device}", f"loader.batch_size={args.batch_size}",
-        f"loader.workers={args.workers}", f"loader.threads={args.threads}",
+        f"loader.workers={args.pyav_workers if kind == 'pyav' else args.workers}",
+        f"loader.threads={args.threads}",
         f"loader.video_pipelines={pipelines}",
         f"sampler.pairs={args.pairs}", f"sampler.clips_per_video={args.clips_per_video}"])
     loader = make_loader(cfg, root, total_epochs=1000)
@@ -92,6 +93,10 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", type=int, default=os.cpu_count(),
                     help="PyAV DataLoader workers; DALI source workers per pipeline")
+    ap.add_argument("--pyav-workers", type=int, default=os.cpu_count(),
+                    help="PyAV DataLoader workers (default: every core, the fair baseline)")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="make (or find) the cached prepared set, print its path, stop")
     ap.add_argument("--threads", type=int, default=0,
                     help="DALI threads per pipeline (0 = auto: the cores over the pipelines)")
     ap.add_argument("--pipelines", type=int, nargs="+", default=[0],
@@ -114,6 +119,9 @@ def main() -> int:
     args = ap.parse_args()
 
     root = Path(args.data) if args.data else prepared_set(args)
+    print(f"prepared set: {root}", flush=True)
+    if args.prepare_only:
+        return 0
     ctx = context()
     print(f"machine: {ctx['machine']}\nversions: {ctx['versions']}\ndata: {root}")
     rows = Rows(args.out, enabled=not args.once)
@@ -122,7 +130,8 @@ def main() -> int:
     for kind, pipes in runs[:1] if args.once else runs:
         r = run_one(kind, root, args, pipes)
         r.update(bench="data", device=args.device, batch_size=args.batch_size,
-                 workers=args.workers, pairs=args.pairs, data=str(root), **ctx)
+                 workers=args.pyav_workers if kind == "pyav" else args.workers,
+                 pairs=args.pairs, data=str(root), **ctx)
         rows.add(r)
         extra = (f", {r['video_pipelines']} pipeline(s) x {r['threads']} threads"
                  if kind == "dali" else "")
@@ -131,7 +140,7 @@ def main() -> int:
         print(f"{kind:5s} on {args.device}: {r['clips_per_s_median']:.1f} clips/s (range "
               f"{r['clips_per_s_min']:.1f}-{r['clips_per_s_max']:.1f}, {r['repeats']} x "
               f"{args.batches} batches of {args.batch_size}), peak RSS {r['peak_rss_mb']} MB, "
-              f"{args.workers} workers{extra}{gpu}")
+              f"{r['workers']} workers{extra}{gpu}")
     best = {k: max((r["clips_per_s_median"] for r in rows.rows if r["loader"] == k), default=None)
             for k in ("dali", "pyav")}
     if best["dali"] and best["pyav"]:

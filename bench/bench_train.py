@@ -20,6 +20,7 @@ bench/results/train.jsonl, each appended when its loader is done.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -73,7 +74,7 @@ def run_loader(kind, root, args, base, device):
 
     cuda = device.type == "cuda"
     cfg = build_config(None, [*base, f"loader.kind={kind}", f"loader.batch_size={args.batch_size}",
-                              f"loader.workers={args.workers}",
+                              f"loader.workers={args.pyav_workers if kind == 'pyav' else args.workers}",
                               f"sampler.clips_per_video={args.clips_per_video}", *args.overrides])
     cfg = resolve_auto(cfg, cuda)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -130,7 +131,8 @@ def run_loader(kind, root, args, base, device):
     return dict(loader=kind, loader_device=cfg.loader.device, model=f"{cfg.model.video}+"
                 f"{cfg.model.audio}", precision=cfg.train.precision,
                 clip=[cfg.data.clip_frames, cfg.data.crop, cfg.data.crop],
-                batch=args.batch_size, workers=args.workers, steps=len(waits),
+                batch=args.batch_size,
+                workers=args.pyav_workers if kind == "pyav" else args.workers, steps=len(waits),
                 batches_per_epoch=len(loader), **extra,
                 clips_per_s=round(e2e, 1), clips_per_s_min=round(min(e2e_rates), 1),
                 clips_per_s_max=round(max(e2e_rates), 1), windows=len(e2e_rates),
@@ -154,6 +156,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64 if cuda else 16)
     p.add_argument("--workers", type=int, default=2,
                    help="PyAV DataLoader workers; DALI source workers per pipeline")
+    p.add_argument("--pyav-workers", type=int, default=os.cpu_count(),
+                   help="PyAV DataLoader workers (default: every core)")
     p.add_argument("--clips-per-video", type=int, default=32 if cuda else 8,
                    help="clips per video and epoch: many batches an epoch, so that the timed "
                    "steps are not epoch starts")

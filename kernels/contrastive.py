@@ -53,6 +53,10 @@ except ImportError:  # pragma: no cover
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# FASTAVTS_AUTOTUNE=0: one tile configuration instead of autotuning over several (the test suite
+# on a GPU sets it: autotuning every test's distinct shape would take minutes; the benchmarks
+# autotune and check the loss they get against eager PyTorch at their own sizes)
+AUTOTUNE = os.environ.get("FASTAVTS_AUTOTUNE", "1") != "0"
 POS, EASY, HARD, IGNORED = 0, 1, 2, 3
 IMPLS = ("auto", "triton", "reference")
 
@@ -169,13 +173,14 @@ if triton is not None:
             return [triton.Config({"BLOCK_B": 64, "BLOCK_M": 64, "BLOCK_K": 128}
                                   | ({} if fwd else {"BLOCK_DO": 512}), num_warps=4)]
         out = []
-        for bb, bm, bk, w, s in ((64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 3),
-                                 (128, 128, 32, 8, 3), (128, 128, 64, 8, 2), (32, 64, 64, 4, 4)):
+        tiles = ((64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 3),
+                 (128, 128, 32, 8, 3), (128, 128, 64, 8, 2), (32, 64, 64, 4, 4))
+        for bb, bm, bk, w, s in tiles if AUTOTUNE else tiles[:1]:
             if fwd:
                 out.append(triton.Config({"BLOCK_B": bb, "BLOCK_M": bm, "BLOCK_K": bk},
                                          num_warps=w, num_stages=s))
             else:
-                for bdo in (64, 128, 256):
+                for bdo in (64, 128, 256) if AUTOTUNE else (128,):
                     if bb * bdo <= 16384:       # the fp32 accumulator stays in registers
                         out.append(triton.Config({"BLOCK_B": bb, "BLOCK_M": bm, "BLOCK_K": bk,
                                                   "BLOCK_DO": bdo}, num_warps=w, num_stages=s))

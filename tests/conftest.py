@@ -12,6 +12,8 @@ import torch
 # read when the kernel module is imported, so it is set before anything imports fastavts.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:  # one tile configuration per kernel: autotuning each test's shape would take minutes
+    os.environ.setdefault("FASTAVTS_AUTOTUNE", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 # Real clips with their licences (SOURCES.md); CI has ../shared beside the checkout.

@@ -108,3 +108,29 @@ def test_plot_draws_one_chart_per_kind_and_machine(tmp_path, capsys):
         img = matplotlib.image.imread(tmp_path / "plots" / name)
         assert img.shape[0] > 200 and img.shape[1] > 400 and img.std() > 0.01  # not blank
     assert "not JSON" in capsys.readouterr().err
+
+
+def test_gpu_check_parts_run_end_to_end_as_dry_runs(tmp_path):
+    """bench/gpu_checks.py core and dali at toy sizes on this CPU: every step passes, `core`
+    with OmegaConf, PyAV and DALI made unimportable (the GPU machine lacks them), and each part
+    leaves exactly one tarball holding its logs, rows and summary; `merge` appends its rows."""
+    import subprocess
+    import tarfile
+
+    for part in ("core", "dali"):
+        r = subprocess.run([sys.executable, str(BENCH / "gpu_checks.py"), part, "--dry-run",
+                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+        print(r.stdout[-3000:], r.stderr[-2000:])
+        assert r.returncode == 0
+        assert sorted(p.name for p in tmp_path.glob("*.tar.gz"))[-1] == f"gpu_checks_{part}.tar.gz"
+        with tarfile.open(tmp_path / f"gpu_checks_{part}.tar.gz") as tf:
+            names = tf.getnames()
+            summary = json.loads(tf.extractfile(f"{part}/summary.json").read())
+        assert [s["rc"] for s in summary["steps"]] == [0] * len(summary["steps"])
+        assert len(summary["steps"]) == {"core": 4, "dali": 5}[part]
+        assert f"{part}/results" in names and f"{part}/tests.xml" in names
+    env = json.loads((tmp_path / "core" / "env.log").read_text())
+    assert env["imports"]["omegaconf"].startswith("MISSING")     # core ran without it
+    rows = (tmp_path / "dali" / "results" / "data.jsonl").read_text().splitlines()
+    assert {json.loads(x)["loader"] for x in rows} == {"dali", "pyav"}
+    assert [json.loads(x).get("video_pipelines") for x in rows] == [1, 2, None]

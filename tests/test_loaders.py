@@ -352,3 +352,49 @@ def test_each_plan_is_made_once_and_each_permutation_once_per_epoch(one_object, 
         assert len(list(L.epoch(epoch))) == len(L)
     assert len(made) == len(set(made)) and {(e, b) for e in (0, 1) for b in range(len(L))} <= set(made)
     assert len(perms) == len(set(perms))
+
+
+# ------------------------------------------------------------------------------------------
+# On a GPU (skipped elsewhere): the `mixed` decoder on H.264 against PyAV
+
+GPU = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def h264_set(one_object):
+    """The one-object videos prepared as H.264 (what GPU runs decode on NVDEC)."""
+    out = one_object.parent / "h264"
+    prepare(one_object.parent / "synth", out,
+            build_config(overrides=BASE + ["prepare.codec=h264"]), progress=False)
+    return out
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (the mixed decoder runs on NVDEC)")
+@pytest.mark.parametrize("pipes", [1, 3])
+def test_gpu_mixed_decoder_on_h264_gives_the_pyav_batches(h264_set, pipes):
+    extra = ["sampler.pairs=inbatch", "sampler.k=1", f"loader.video_pipelines={pipes}"]
+    dali = loader(h264_set, "dali", "loader.device=gpu", *extra)
+    pyav = loader(h264_set, "pyav", *extra)
+    assert dali.device == "gpu"
+    n = 0
+    for a, b in zip(dali.epoch(0), pyav.epoch(0)):
+        n += 1
+        assert a["video"].is_cuda and a["audio"].is_cuda
+        for k in META:
+            assert torch.equal(a[k].cpu(), b[k]), k
+        va, vb = a["video"].cpu(), b["video"]
+        err = (va - vb).abs().mean(dim=(1, 3, 4))
+        shifted = (va[:, :, 1:] - vb[:, :, :-1]).abs().mean(dim=(1, 3, 4))
+        print("video err", err.mean().item(), "one frame off", shifted.mean().item())
+        assert err.max() < 0.06 and (err[:, 1:] < shifted).float().mean() > 0.95
+        loud = b["audio"] > -60
+        aerr = (a["audio"].cpu() - b["audio"]).abs()
+        print("log-mel err dB", aerr[loud].max().item())
+        assert aerr[loud].max() < 0.05
+    assert n == len(dali)
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+def test_prepare_codec_auto_is_h264_on_a_gpu():
+    from fastavts.data.prepare import resolve_codec
+    assert resolve_codec("auto") == "h264"

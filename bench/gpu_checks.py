@@ -1,0 +1,297 @@
+"""The GPU checks, in two parts that each fit one command on a lent GPU machine (DESIGN.md
+section 4: 15 minutes of device time in all, at most 10 minutes a command, at most 8 files
+back, Python 3.12 with torch 2.11 and triton 3.6 but no DALI, PyAV or OmegaConf, perhaps no
+NVDEC library in its sandbox).
+
+    python bench/gpu_checks.py core   # needs only: pip install --no-deps --no-build-isolation -e .
+        env         GPU, driver, versions, NVDEC library present or not
+        tests       tests/test_kernel_contrastive.py compiled (fp32, fp16, bf16) and
+                    tests/test_models.py (torchvision's weights load into our nets, same outputs)
+        bench_loss  eager vs torch.compile vs Triton, fwd+bwd, B 1024/8192/4096, D 128/512, fp32
+                    (target: Triton <= 1/3 eager, <= 2/3 compiled; its loss error vs eager)
+        bench_model R(2+1)D-18 16x112x112 + audio net, bf16, channels_last, batch 64 and 32
+                    (target: MFU >= 35 %)
+    python bench/gpu_checks.py dali   # needs DALI, PyAV and OmegaConf carried in (README)
+        env         as above, plus the imports; without NVDEC the mixed-decoder steps are left
+                    out and the summary says so
+        data        a synthetic H.264 set (48 videos x 10 s) prepared for NVDEC
+        tests       the GPU tests of tests/test_loaders.py and tests/test_train.py: mixed decoder
+                    on H.264 vs PyAV (1 and 3 pipelines), prepare's codec=auto, and training
+                    steps under torch.cuda.set_sync_debug_mode("error") (0 host syncs)
+        bench_data  DALI with 1, 2, 4, 7 video pipelines vs the PyAV DataLoader on all cores,
+                    NVML SM and NVDEC utilisation (targets: >= 5x PyAV, >= 2x model-only)
+        bench_train end to end vs model-only, DALI and PyAV (targets: ratio >= 0.9, SM > 90 %)
+
+Every step runs as its own process group under a time limit, and the limits are cut so that
+the whole part ends within --budget seconds (default 510, well inside a 10-minute command).
+Each step logs to $OUT/<part>/<step>.log and its benchmark rows go, row by row as they are
+measured, to $OUT/<part>/results/<bench>.jsonl; a step that fails or runs out of time does
+not stop the next. At the end everything is packed into ONE file, $OUT/gpu_checks_<part>.tar.gz
+(with summary.json: each step's exit code, seconds and whether it timed out). Back here:
+`python bench/gpu_checks.py merge TARBALL` appends its rows to bench/results/.
+
+`--dry-run` runs the same steps at toy sizes on a CPU (the Triton kernel in its interpreter,
+DALI's CPU pipeline on VP9); the test suite does, so the script is known to run before a GPU
+is lent.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PY = sys.executable
+
+
+def nvdec_library() -> str | None:
+    """Where the NVIDIA video decoder library is, or None (a sandbox may lack it)."""
+    try:
+        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=20).stdout
+        for line in out.splitlines():
+            if "libnvcuvid.so" in line:
+                return line.split("=>")[-1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for d in ("/usr/local/nvidia/lib64", "/usr/local/nvidia/lib", "/usr/lib/x86_64-linux-gnu",
+              "/usr/lib64", "/usr/lib/wsl/lib"):
+        for p in Path(d).glob("libnvcuvid.so*") if Path(d).is_dir() else []:
+            return str(p)
+    return None
+
+
+ENV_SCRIPT = r"""
+import json, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from fastavts.machine import machine_info, versions
+info = dict(machine=machine_info(), versions=versions(), nvdec_library=sys.argv[2] or None)
+try:
+    import torch
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info["gpu"] = dict(name=p.name, sms=p.multi_processor_count,
+                           memory_gib=round(p.total_memory / 2**30, 1),
+                           capability=f"{p.major}.{p.minor}",
+                           cudnn=torch.backends.cudnn.version())
+        info["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+             "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+except Exception as e:
+    info["error"] = repr(e)
+for mod in sys.argv[3:]:
+    try:
+        m = __import__(mod, fromlist=["x"])
+        info.setdefault("imports", {})[mod] = getattr(m, "__version__", "ok")
+    except Exception as e:
+        info.setdefault("imports", {})[mod] = f"MISSING: {e!r}"
+print(json.dumps(info, indent=1))
+"""
+
+
+class Runner:
+    def __init__(self, part: str, out: Path, budget: float, dry: bool):
+        self.part, self.dry = part, dry
+        self.dir = out / part
+        shutil.rmtree(self.dir, ignore_errors=True)
+        (self.dir / "results").mkdir(parents=True)
+        self.t0, self.budget = time.monotonic(), budget
+        self.summary: list[dict] = []
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO)] + [p for p in self.env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        if dry:   # the kernel in Triton's interpreter; nothing touches a GPU
+            self.env["TRITON_INTERPRET"] = "1"
+            self.env["CUDA_VISIBLE_DEVICES"] = ""
+
+    def results(self, name: str) -> str:
+        return str(self.dir / "results" / f"{name}.jsonl")
+
+    def step(self, name: str, cmd: list[str], limit: float) -> dict:
+        left = self.budget - (time.monotonic() - self.t0)
+        limit = min(limit, left - 5)
+        row = dict(step=name, cmd=" ".join(cmd), limit_s=round(limit, 1))
+        if limit < 10:
+            row.update(rc=None, skipped="no time left in the budget")
+            print(f"=== {name}: skipped, no time left", flush=True)
+            self.summary.append(row)
+            return row
+        print(f"=== {name} (limit {limit:.0f} s): {' '.join(cmd)}", flush=True)
+        t = time.monotonic()
+        with open(self.dir / f"{name}.log", "w") as log:
+            p = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+            try:
+                rc, timed_out = p.wait(timeout=limit), False
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)   # the step and its workers
+                rc, timed_out = p.wait(), True
+        row.update(rc=rc, timed_out=timed_out, seconds=round(time.monotonic() - t, 1))
+        tail = (self.dir / f"{name}.log").read_text(errors="replace").splitlines()[-12:]
+        print("\n".join("    " + x for x in tail), flush=True)
+        print(f"--- {name}: exit {rc}{' (TIMED OUT)' if timed_out else ''}, "
+              f"{row['seconds']} s", flush=True)
+        self.summary.append(row)
+        return row
+
+    def finish(self, extra: dict) -> Path:
+        summary = dict(part=self.part, dry_run=self.dry, steps=self.summary,
+                       wall_s=round(time.monotonic() - self.t0, 1), **extra)
+        (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        tar = self.dir.parent / f"gpu_checks_{self.part}.tar.gz"
+        with tarfile.open(tar, "w:gz") as tf:
+            tf.add(self.dir, arcname=self.part)
+        print(f"=== {self.part}: {sum(r.get('rc') == 0 for r in self.summary)} of "
+              f"{len(self.summary)} steps passed, {summary['wall_s']} s; everything in {tar}")
+        return tar
+
+
+BLOCKER = r"""
+# written by bench/gpu_checks.py --dry-run: these packages are not on the GPU machine
+import sys
+BLOCKED = {blocked!r}
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED or name in BLOCKED:
+            raise ImportError(f"{{name}} is not installed on the GPU machine (gpu_checks dry run)")
+        return None
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def block_imports(r: Runner, names: list[str]) -> None:
+    """Dry run of `core`: make the packages the GPU machine lacks fail to import, so the part
+    is shown to need nothing but the project (a sitecustomize on PYTHONPATH)."""
+    d = r.dir / "blocker"
+    d.mkdir()
+    (d / "sitecustomize.py").write_text(BLOCKER.format(blocked=set(names)))
+    r.env["PYTHONPATH"] = os.pathsep.join([str(d), r.env["PYTHONPATH"]])
+
+
+def env_step(r: Runner, modules: list[str]) -> dict:
+    lib = nvdec_library()
+    r.step("env", [PY, "-c", ENV_SCRIPT, str(REPO), lib or "", *modules], 60)
+    return dict(nvdec_library=lib)
+
+
+def core(r: Runner) -> Path:
+    if r.dry:
+        block_imports(r, ["omegaconf", "av", "nvidia"])
+    extra = env_step(r, ["torch", "triton", "torchvision", "omegaconf"])
+    pytest = [PY, "-m", "pytest", "-q", "-rs", "--junitxml", str(r.dir / "tests.xml")]
+    if r.dry:
+        r.step("tests", pytest + ["tests/test_kernel_contrastive.py", "tests/test_models.py",
+                                  "-k", "1-7-64 or hand_computed or tiny"], 240)
+        r.step("bench_loss", [PY, "bench/bench_loss.py", "--sizes", "16", "--dims", "8",
+                              "--impl", "eager", "triton", "--passes", "fwd+bwd",
+                              "--repeats", "2", "--warmup", "1",
+                              "--out", r.results("loss")], 120)
+        r.step("bench_model", [PY, "bench/bench_model.py", "--models", "tiny", "audio_tiny",
+                               "--batch-sizes", "2", "--frames", "8", "--size", "32",
+                               "--channels-last", "off", "--repeats", "2", "--warmup", "1",
+                               "--out", r.results("model")], 120)
+    else:
+        r.step("tests", pytest + ["tests/test_kernel_contrastive.py", "tests/test_models.py"], 150)
+        r.step("bench_loss", [PY, "bench/bench_loss.py", "--sizes", "1024", "8192", "4096",
+                              "--dims", "128", "512", "--dtype", "fp32", "--passes", "fwd+bwd",
+                              "--impl", "eager", "compiled", "triton", "--repeats", "20",
+                              "--warmup", "3", "--out", r.results("loss")], 200)
+        r.step("bench_model", [PY, "bench/bench_model.py", "--models", "r2plus1d_18", "audio",
+                               "--batch-sizes", "64", "32", "--precision", "bf16",
+                               "--channels-last", "on", "--compile", "off", "--repeats", "15",
+                               "--warmup", "5", "--out", r.results("model")], 110)
+    return r.finish(extra)
+
+
+def dali(r: Runner) -> Path:
+    extra = env_step(r, ["torch", "nvidia.dali", "av", "omegaconf"])
+    nvdec = bool(extra["nvdec_library"]) or r.dry
+    extra["nvdec_steps"] = "run" if nvdec else "left out: no libnvcuvid.so on this machine"
+    device = "cpu" if r.dry else "gpu"
+    cache = str(r.dir / "cache")
+    if r.dry:
+        data = [PY, "bench/bench_data.py", "--prepare-only", "--device", "cpu", "--videos", "6",
+                "--seconds", "4", "--cache", cache]
+    else:
+        data = [PY, "bench/bench_data.py", "--prepare-only", "--device", "gpu", "--videos", "48",
+                "--seconds", "10", "--cache", cache]
+    r.step("data", data, 90)
+    log = (r.dir / "data.log").read_text(errors="replace")
+    sets = [x.split("prepared set: ", 1)[1].strip() for x in log.splitlines()
+            if x.startswith("prepared set: ")]
+    if not sets:
+        return r.finish(dict(extra, error="no prepared set; see data.log"))
+    root = sets[-1]
+    pytest = [PY, "-m", "pytest", "-q", "-rs", "--junitxml", str(r.dir / "tests.xml")]
+    if r.dry:
+        r.step("tests", pytest + ["tests/test_loaders.py", "-k", "only_decode"], 240)
+    else:
+        sel = "gpu" if nvdec else "gpu and not dali and not mixed"
+        r.step("tests", pytest + ["tests/test_loaders.py", "tests/test_train.py", "-k", sel], 120)
+    loaders = ["dali", "pyav"] if nvdec else ["pyav"]
+    if r.dry:
+        r.step("bench_data", [PY, "bench/bench_data.py", "--device", device, "--data", root,
+                              "--loader", *loaders, "--batch-size", "4", "--workers", "1",
+                              "--pyav-workers", "1", "--pipelines", "1", "2",
+                              "--clips-per-video", "4", "--batches", "2", "--repeats", "2",
+                              "--warmup", "1", "--out", r.results("data")], 180)
+        r.step("bench_train", [PY, "bench/bench_train.py", "--data", root, "--loader", "dali",
+                               "memory", "--batch-size", "4", "--workers", "1", "--steps", "2",
+                               "--warmup", "1", "--clips-per-video", "4",
+                               "--out", r.results("train")], 180)
+    else:
+        r.step("bench_data", [PY, "bench/bench_data.py", "--device", device, "--data", root,
+                              "--loader", *loaders, "--batch-size", "64", "--workers", "2",
+                              "--pipelines", "1", "2", "4", "7", "--batches", "10",
+                              "--repeats", "3", "--warmup", "3",
+                              "--out", r.results("data")], 130)
+        r.step("bench_train", [PY, "bench/bench_train.py", "--data", root, "--loader",
+                               *(loaders if nvdec else ["pyav", "memory"]),
+                               "--batch-size", "64", "--steps", "40", "--warmup", "8",
+                               "--out", r.results("train")], 150)
+    return r.finish(extra)
+
+
+def merge(tarball: str) -> int:
+    """Append the rows of a returned tarball to bench/results/<bench>.jsonl."""
+    with tarfile.open(tarball) as tf:
+        for m in tf.getmembers():
+            if m.isfile() and "/results/" in m.name and m.name.endswith(".jsonl"):
+                rows = tf.extractfile(m).read().decode()
+                dest = HERE / "results" / Path(m.name).name
+                with open(dest, "a") as fh:
+                    fh.write(rows)
+                print(f"{len(rows.splitlines())} row(s) -> {dest}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", choices=["core", "dali", "merge"])
+    ap.add_argument("tarball", nargs="?", help="merge: the tarball a GPU run returned")
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_checks"),
+                    help="where the logs and the tarball go (default $OUT)")
+    ap.add_argument("--budget", type=float, default=510.0,
+                    help="seconds the whole part may take (steps' limits are cut to fit)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="the same steps at toy sizes on a CPU")
+    args = ap.parse_args(argv)
+    if args.part == "merge":
+        if not args.tarball:
+            ap.error("merge needs the tarball")
+        return merge(args.tarball)
+    r = Runner(args.part, Path(args.out), args.budget, args.dry_run)
+    (core if args.part == "core" else dali)(r)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
