@@ -22,21 +22,16 @@ import torch.nn.functional as F
 
 from .kernels.contrastive import (EASY, HARD, IGNORED, POS, contrastive_terms,  # noqa: F401
                                  inbatch_contrastive_loss, pair_kinds, paired_contrastive_loss)
+from .kernels.infonce import (inbatch_infonce_loss, infonce_rows_reference,  # noqa: F401
+                              loss_from_rows)
 
 
 def infonce_loss(v, a, kinds, temperature: float = 0.1):
-    """Mean over the clips that have a positive window of -log(sum_pos e^l / sum_all e^l),
-    l = -d^2 / temperature over the clip's row, ignored pairs left out. Branch-free: no
-    host-device synchronisation (a row without positives is computed on zeros and masked)."""
-    logits = -torch.cdist(v.float(), a.float()).pow(2) / temperature    # (B, M)
-    pos = kinds == POS
-    rows = pos.any(1, keepdim=True)                                     # (B, 1)
-    keep = rows & (kinds != IGNORED)
-    # rows without a positive become zeros (finite logsumexp, zero gradient after the mask)
-    logz = torch.logsumexp(torch.where(rows, logits.masked_fill(~keep, float("-inf")), 0.0), 1)
-    logpos = torch.logsumexp(torch.where(rows, logits.masked_fill(~pos, float("-inf")), 0.0), 1)
-    per_row = torch.where(rows[:, 0], logz - logpos, 0.0)
-    return per_row.sum() / rows.sum().clamp_min(1)
+    """InfoNCE from embeddings and a (B, M) matrix of pair kinds: the mean over the clips that
+    have a positive window of -log(sum_pos e^l / sum_kept e^l), l = -d^2 / temperature
+    (kernels/infonce.py's reference; branch-free, no host sync). The trainer calls
+    inbatch_infonce_loss, which forms the kinds itself and has the fused kernel."""
+    return loss_from_rows(*infonce_rows_reference(v, a, kinds, temperature))
 
 
 def sync_ce_loss(logits, y):

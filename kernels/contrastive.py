@@ -1,7 +1,8 @@
 """The AVTS contrastive loss, fused: reference, Triton kernels, launchers and autograd.
 
     inbatch_contrastive_loss(v, a, clip_video, clip_t0, audio_video, audio_t0, *, margin=1.0,
-                             hard_share=0.25, hard_min_shift=0.5, sync_tol=0.02, impl="auto")
+                             hard_share=0.25, hard_min_shift=0.5, sync_tol=0.02, impl="auto",
+                             group=None)
     paired_contrastive_loss(v, a, y, *, margin=1.0, impl="auto")
 
 v (B, D) clip embeddings and a (M, D) audio embeddings (fp32, fp16 or bf16; accumulation in
@@ -36,8 +37,12 @@ Precision (see _precisions): fp32 inputs use 3xTF32 for the distance and the gra
 weights w span too wide a range for fp16). tests/test_kernel_contrastive.py holds every dtype
 to its bound under a model of these products (the interpreter itself multiplies in fp32).
 
-Registered as torch.library custom ops (fastavts::contrastive_fwd / _bwd and the paired pair),
-so torch.compile keeps them in its graph.
+Registered as torch.library custom ops (fastavts::contrastive_sums / _sums_bwd: the sums and
+counts of a process's rows; the loss is assembled from them in torch, and the paired pair), so
+torch.compile keeps them in its graph. Across ranks (`group`): every rank's audio columns are
+gathered (gather_columns), each rank sums its own rows against all of them, the counts are
+all-reduced, and world_scale makes DDP's averaged gradients those of one process on the whole
+batch.
 """
 from __future__ import annotations
 
@@ -66,7 +71,8 @@ IMPLS = ("auto", "triton", "reference")
 
 def pair_kinds(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift: float = 0.5,
                sync_tol: float = 0.02):
-    """(B, M) int8 kinds of all clip-audio pairs."""
+    """(B, M) int8 kinds of all clip-audio pairs. A negative id marks padding (columns gathered
+    from ranks with fewer): every pair with it is ignored."""
     same = clip_video[:, None] == audio_video[None, :]
     gap = (clip_t0[:, None].double() - audio_t0[None, :].double()).abs()
     # hard wins where the two ranges overlap (sync_tol >= hard_min_shift); torch.where, not
@@ -74,7 +80,9 @@ def pair_kinds(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift: float
     hard = gap >= hard_min_shift
     ignored = ~hard & (gap > sync_tol)
     kind = hard.to(torch.int8) * HARD + ignored.to(torch.int8) * IGNORED   # POS = 0 elsewhere
-    return torch.where(same, kind, EASY).to(torch.int8)
+    kind = torch.where(same, kind, EASY)
+    pad = (clip_video[:, None] < 0) | (audio_video[None, :] < 0)
+    return torch.where(pad, IGNORED, kind).to(torch.int8)
 
 
 def _weighted_mean(values, mask):
@@ -110,10 +118,10 @@ def inbatch_reference(v, a, clip_video, clip_t0, audio_video, audio_t0, *, margi
     return contrastive_terms(d, kinds, margin, hard_share)
 
 
-def inbatch_reference_branchless(v, a, clip_video, clip_t0, audio_video, audio_t0, *,
-                                 margin=1.0, hard_share=0.25, hard_min_shift=0.5, sync_tol=0.02):
-    """The same loss without Python branches on tensor values (for torch.compile: one graph,
-    no host sync). Materialises the B x M matrix like the reference."""
+def reference_sums(v, a, clip_video, clip_t0, audio_video, audio_t0, *, margin=1.0,
+                   hard_min_shift=0.5, sync_tol=0.02):
+    """(sums (3,), counts (3,)) of positives' d^2, easy and hard hinges over all B x M pairs,
+    branch-free (no host sync); fp32, float64 for float64 inputs."""
     dt = torch.float64 if v.dtype == torch.float64 else torch.float32
     d = torch.cdist(v.to(dt), a.to(dt))
     kinds = pair_kinds(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift, sync_tol)
@@ -121,7 +129,78 @@ def inbatch_reference_branchless(v, a, clip_video, clip_t0, audio_video, audio_t
     masks = [kinds == POS, kinds == EASY, kinds == HARD]
     sums = torch.stack([(v_ * m).sum() for v_, m in zip((d.pow(2), hinge, hinge), masks)])
     counts = torch.stack([m.sum() for m in masks]).double()
-    return (coefficients(counts, hard_share).to(dt) * sums).sum()
+    return sums, counts
+
+
+def loss_from_sums(sums, counts, hard_share: float, group=None):
+    """The loss from the three sums and counts (the rule of the module docstring). With a
+    group the counts are the whole batch's (all-reduced) and the loss is scaled for DDP."""
+    if group is not None:
+        counts = counts.clone()
+        torch.distributed.all_reduce(counts, group=group)
+    local = (coefficients(counts, hard_share).to(sums.dtype) * sums).sum()
+    return world_scale(local, group)
+
+
+def inbatch_reference_branchless(v, a, clip_video, clip_t0, audio_video, audio_t0, *,
+                                 margin=1.0, hard_share=0.25, hard_min_shift=0.5, sync_tol=0.02,
+                                 group=None):
+    """The same loss without Python branches on tensor values (for torch.compile: one graph,
+    no host sync). Materialises the B x M matrix like the reference."""
+    sums, counts = reference_sums(v, a, clip_video, clip_t0, audio_video, audio_t0,
+                                  margin=margin, hard_min_shift=hard_min_shift, sync_tol=sync_tol)
+    return loss_from_sums(sums, counts, hard_share, group)
+
+
+# --------------------------------------------------------------------------------------------
+# Negatives across ranks
+
+def gather_columns(a, audio_video, audio_t0, group, capacity: int | None = None):
+    """Every rank's audio columns, in rank order: `a` through torch.distributed.nn's all_gather
+    (its backward sums every rank's gradient into the owner's rows), ids and times without
+    gradients. Ranks with fewer columns are padded to `capacity` with id -1 (ignored by every
+    pair); without a capacity the ranks' sizes are exchanged first (a host read)."""
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
+
+    world = dist.get_world_size(group)
+    if world == 1:
+        return a, audio_video, audio_t0
+    M = a.shape[0]
+    if capacity is None:
+        size = torch.tensor([M], dtype=torch.int64, device=a.device)
+        sizes = [torch.zeros_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size, group=group)
+        capacity = max(int(x.item()) for x in sizes)
+    if M > capacity:
+        raise ValueError(f"{M} audio columns on this rank, more than gather capacity {capacity}: "
+                         f"every rank must fit the capacity (the trainer passes batch x (1 + k))")
+    if capacity > M:
+        pad = capacity - M
+        a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
+        audio_video = torch.cat([audio_video, audio_video.new_full((pad,), -1)])
+        audio_t0 = torch.cat([audio_t0, audio_t0.new_zeros(pad)])
+    a_all = torch.cat(dist_fn.all_gather(a.contiguous(), group=group))
+    out = []
+    for t in (audio_video.contiguous(), audio_t0.contiguous()):
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t, group=group)
+        out.append(torch.cat(parts))
+    return a_all, out[0], out[1]
+
+
+def world_scale(local, group):
+    """A rank's share `local` of a loss summed over ranks -> a tensor whose value is the whole
+    loss (all-reduced, for logging and the finiteness check) and whose gradient is world_size x
+    the share's: DDP averages the ranks' gradients, so the average is the whole loss's."""
+    if group is None:
+        return local
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    total = local.detach().clone()
+    dist.all_reduce(total, group=group)
+    return world * local + (total - world * local).detach()
 
 
 def paired_reference(v, a, y, *, margin=1.0):
@@ -221,7 +300,8 @@ if triton is not None:
         yt = tl.load(YT + rm, mask=mm, other=0.0).to(tl.float64)
         sync_tol = tl.load(LIM)
         hard_min = tl.load(LIM + 1)
-        valid = mb[:, None] & mm[None, :]
+        # a negative id is padding (columns gathered from ranks with fewer): never a pair
+        valid = mb[:, None] & mm[None, :] & (xv[:, None] >= 0) & (yv[None, :] >= 0)
         same = xv[:, None] == yv[None, :]
         gap = tl.abs(xt[:, None] - yt[None, :])
         hard = valid & same & (gap >= hard_min)
@@ -460,28 +540,27 @@ def _prep_times(t):
 # The custom ops: torch.compile sees them as single nodes (no graph break), autograd through
 # register_autograd. `split` = 0 lets the launcher choose (tests force other values).
 
-@torch.library.custom_op("fastavts::contrastive_fwd", mutates_args=())
-def _contrastive_fwd(v: torch.Tensor, a: torch.Tensor, cv: torch.Tensor, ct: torch.Tensor,
-                     av: torch.Tensor, at: torch.Tensor, margin: float, hard_share: float,
-                     hard_min_shift: float, sync_tol: float, split: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("fastavts::contrastive_sums", mutates_args=())
+def _contrastive_sums(v: torch.Tensor, a: torch.Tensor, cv: torch.Tensor, ct: torch.Tensor,
+                      av: torch.Tensor, at: torch.Tensor, margin: float, hard_min_shift: float,
+                      sync_tol: float, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums (3,), counts (3,)) float64 of this process's rows against the given columns."""
     sums, counts, _, _ = _inbatch_sums(v, a, cv, ct, av, at, margin, hard_min_shift, sync_tol,
                                        split or None)
-    c = coefficients(counts, hard_share)
-    return (c * sums).sum().float(), c.float()
+    return sums.clone(), counts.clone()   # views of one buffer: outputs may not alias
 
 
-@_contrastive_fwd.register_fake
-def _(v, a, cv, ct, av, at, margin, hard_share, hard_min_shift, sync_tol, split):
-    return v.new_empty((), dtype=torch.float32), v.new_empty((3,), dtype=torch.float32)
+@_contrastive_sums.register_fake
+def _(v, a, cv, ct, av, at, margin, hard_min_shift, sync_tol, split):
+    return (v.new_empty((3,), dtype=torch.float64), v.new_empty((3,), dtype=torch.float64))
 
 
-@torch.library.custom_op("fastavts::contrastive_bwd", mutates_args=())
-def _contrastive_bwd(grad: torch.Tensor, coef: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
-                     cv: torch.Tensor, ct: torch.Tensor, av: torch.Tensor, at: torch.Tensor,
-                     margin: float, hard_min_shift: float, sync_tol: float, split: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    c2 = (coef * (2 * grad.float())).contiguous()
+@torch.library.custom_op("fastavts::contrastive_sums_bwd", mutates_args=())
+def _contrastive_sums_bwd(gsums: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                          cv: torch.Tensor, ct: torch.Tensor, av: torch.Tensor, at: torch.Tensor,
+                          margin: float, hard_min_shift: float, sync_tol: float, split: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    c2 = (2 * gsums.float()).contiguous()   # d(d^2)/dv = 2 (v - a): the 2 goes in here
     vn, an = v.float().pow(2).sum(1), a.float().pow(2).sum(1)
     dv = _inbatch_grad(v, a, vn, an, cv, ct, av, at, c2, margin, hard_min_shift, sync_tol,
                        split or None)
@@ -490,24 +569,24 @@ def _contrastive_bwd(grad: torch.Tensor, coef: torch.Tensor, v: torch.Tensor, a:
     return dv, da
 
 
-@_contrastive_bwd.register_fake
-def _(grad, coef, v, a, cv, ct, av, at, margin, hard_min_shift, sync_tol, split):
+@_contrastive_sums_bwd.register_fake
+def _(gsums, v, a, cv, ct, av, at, margin, hard_min_shift, sync_tol, split):
     return torch.empty_like(v), torch.empty_like(a)
 
 
-def _contrastive_setup(ctx, inputs, output):
-    v, a, cv, ct, av, at, margin, hard_share, hard_min_shift, sync_tol, split = inputs
-    ctx.save_for_backward(v, a, cv, ct, av, at, output[1])
+def _sums_setup(ctx, inputs, output):
+    v, a, cv, ct, av, at, margin, hard_min_shift, sync_tol, split = inputs
+    ctx.save_for_backward(v, a, cv, ct, av, at)
     ctx.args = (margin, hard_min_shift, sync_tol, split)
 
 
-def _contrastive_backward(ctx, grad, _grad_coef):
-    v, a, cv, ct, av, at, coef = ctx.saved_tensors
-    dv, da = _contrastive_bwd(grad, coef, v, a, cv, ct, av, at, *ctx.args)
-    return dv, da, None, None, None, None, None, None, None, None, None
+def _sums_backward(ctx, gsums, _gcounts):
+    v, a, cv, ct, av, at = ctx.saved_tensors
+    dv, da = _contrastive_sums_bwd(gsums, v, a, cv, ct, av, at, *ctx.args)
+    return dv, da, None, None, None, None, None, None, None, None
 
 
-_contrastive_fwd.register_autograd(_contrastive_backward, setup_context=_contrastive_setup)
+_contrastive_sums.register_autograd(_sums_backward, setup_context=_sums_setup)
 
 
 def _paired_launch_sizes(D):
@@ -594,24 +673,32 @@ def _check_shapes(v, a, *vectors):
 def inbatch_contrastive_loss(v, a, clip_video, clip_t0, audio_video, audio_t0, *,
                              margin: float = 1.0, hard_share: float = 0.25,
                              hard_min_shift: float = 0.5, sync_tol: float = 0.02,
-                             impl: str = "auto", _split: int = 0):
-    """The AVTS contrastive loss over all B x M clip-audio pairs (scalar, fp32)."""
+                             impl: str = "auto", group=None, gather_capacity: int | None = None,
+                             _split: int = 0):
+    """The AVTS contrastive loss over all B x M clip-audio pairs (scalar, fp32; float64 for
+    float64 inputs on the reference). `group`: a process group whose ranks' audio columns join
+    every rank's negatives (gather_columns; the loss then has the whole batch's value and
+    DDP-ready gradients, world_scale); `gather_capacity`: the most columns any rank has."""
     B, M = v.shape[0], a.shape[0]
     _check_shapes(v, a, ("clip_video", clip_video, B), ("clip_t0", clip_t0, B),
                   ("audio_video", audio_video, M), ("audio_t0", audio_t0, M))
+    if group is not None:
+        a, audio_video, audio_t0 = gather_columns(a, audio_video, audio_t0, group,
+                                                  gather_capacity)
     if not _use_triton(impl, v):   # the reference, in its branch-free form (no host sync)
         return inbatch_reference_branchless(v, a, clip_video, clip_t0, audio_video, audio_t0,
                                             margin=margin, hard_share=hard_share,
-                                            hard_min_shift=hard_min_shift, sync_tol=sync_tol)
+                                            hard_min_shift=hard_min_shift, sync_tol=sync_tol,
+                                            group=group)
     if a.dtype != v.dtype:
         a = a.to(v.dtype)
-    if B == 0 or M == 0:
-        return (v.sum() + a.sum()).float() * 0
-    loss, _ = _contrastive_fwd(v, a, _prep_ids(clip_video), _prep_times(clip_t0),
-                               _prep_ids(audio_video), _prep_times(audio_t0), float(margin),
-                               float(hard_share), float(hard_min_shift), float(sync_tol),
-                               int(_split))
-    return loss
+    if B == 0 or a.shape[0] == 0:
+        return world_scale((v.sum() + a.sum()).float() * 0, group)
+    sums, counts = _contrastive_sums(v, a, _prep_ids(clip_video), _prep_times(clip_t0),
+                                     _prep_ids(audio_video), _prep_times(audio_t0),
+                                     float(margin), float(hard_min_shift), float(sync_tol),
+                                     int(_split))
+    return loss_from_sums(sums, counts, hard_share, group).float()
 
 
 def paired_contrastive_loss(v, a, y, *, margin: float = 1.0, impl: str = "auto"):

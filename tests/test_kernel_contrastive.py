@@ -264,8 +264,8 @@ def test_compiled_graph_has_no_break():
     explain = dynamo.explain(f)(v, a)
     print(explain.graph_break_count, explain.break_reasons)
     assert explain.graph_break_count == 0 and explain.graph_count == 1
-    torch.library.opcheck(torch.ops.fastavts.contrastive_fwd.default,
-                          (v, a, cv, ct.float(), av, at.float(), 1.0, 0.25, 0.5, 0.02, 0),
+    torch.library.opcheck(torch.ops.fastavts.contrastive_sums.default,
+                          (v, a, cv, ct.float(), av, at.float(), 1.0, 0.5, 0.02, 0),
                           test_utils=("test_schema", "test_faketensor"))
 
 
