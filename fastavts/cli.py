@@ -124,13 +124,16 @@ def cmd_train(args) -> int:
         saved = load_yaml(out / "config.yaml")
         cfg = build_config(None, args.overrides, extra=saved)
     elif demo:
-        cfg = prepare_demo_data(cfg, progress=not args.quiet)
+        cfg = prepare_demo_data(cfg, progress=not args.quiet,
+                                local_rank=int(os.environ.get("LOCAL_RANK", 0)))
     if not cfg.train.data:
         raise ConfigError("train.data is empty: give a prepared dataset (train.data=DIR)")
     t0 = time.perf_counter()
     result = train(cfg, out, resume=args.resume, progress=not args.quiet)
     result.pop("losses", None)
     result["command_wall_s"] = round(time.perf_counter() - t0, 1)
+    if int(os.environ.get("RANK", 0)) != 0:   # under torchrun: rank 0 reports
+        return 0
     print(f"fastavts train: run directory {out}", file=sys.stderr)
     print(json.dumps(result))
     return 0

@@ -194,9 +194,14 @@ class ModelConfig:
 class LossConfig:
     kind: str = _f("contrastive", "contrastive (AVTS), ce (sync classifier, paired pairs only) "
                    "or infonce", choices=("contrastive", "ce", "infonce"))
-    impl: str = _f("auto", "contrastive loss implementation: triton (the fused kernel, CUDA or "
-                   "TRITON_INTERPRET=1), reference (plain PyTorch), auto = triton on a GPU",
-                   choices=("auto", "triton", "reference"))
+    impl: str = _f("auto", "contrastive and InfoNCE implementation: triton (the fused kernels, "
+                   "CUDA or TRITON_INTERPRET=1), reference (plain PyTorch), auto = triton on a "
+                   "GPU", choices=("auto", "triton", "reference"))
+    gather_negatives: str = _f("auto", "under DDP, every rank's audio windows become negatives "
+                               "of every rank's clips (all-gathered with gradients; the loss and "
+                               "DDP's gradients are those of one process on the whole batch): "
+                               "on, off, auto = on for in-batch losses (contrastive with "
+                               "sampler.pairs=inbatch, infonce)", choices=("auto", "on", "off"))
     margin: float = _f(1.0, "contrastive margin on the distance", min=0.0)
     temperature: float = _f(0.1, "InfoNCE temperature", min=1e-4)
     sync_tol: float = _f(0.02, "inbatch: a window this close to the clip's start is aligned",
@@ -459,9 +464,13 @@ def validate(cfg: Config) -> None:
     if len(ps) != 3 or not all(isinstance(x, int) and x >= 0 for x in ps) or ps[2] < 1:
         raise ConfigError(f"train.profile_steps must be [wait, warmup, active] whole numbers "
                           f"with active >= 1, got {list(ps)}.")
-    if cfg.loss.impl == "triton" and cfg.loss.kind != "contrastive":
-        raise ConfigError(f"loss.impl=triton: the fused kernel computes loss.kind=contrastive; "
-                          f"loss.kind={cfg.loss.kind} has the reference only (use impl=auto).")
+    if cfg.loss.impl == "triton" and cfg.loss.kind == "ce":
+        raise ConfigError("loss.impl=triton: the fused kernels compute loss.kind=contrastive and "
+                          "infonce; loss.kind=ce has the reference only (use impl=auto).")
+    if cfg.loss.gather_negatives == "on" and cfg.loss.kind == "ce":
+        raise ConfigError("loss.gather_negatives=on: loss.kind=ce scores pairs one by one and has "
+                          "no negatives to gather; use contrastive or infonce, or "
+                          "gather_negatives=off.")
     if not all(isinstance(e, str) and e.startswith(".") for e in p.extensions):
         raise ConfigError(f"prepare.extensions must be a list like ['.mp4', '.webm'], "
                           f"got {list(p.extensions)}.")

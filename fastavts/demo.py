@@ -45,13 +45,32 @@ def preset(cuda: bool) -> list[str]:
     return GPU_PRESET if cuda else CPU_PRESET
 
 
-def prepare_demo_data(cfg: Config, root: Path = Path("data/demo"), progress: bool = True) -> Config:
-    """Make (or reuse) the demo's train and held-out sets; returns cfg pointing at them."""
+def prepare_demo_data(cfg: Config, root: Path = Path("data/demo"), progress: bool = True,
+                      local_rank: int = 0) -> Config:
+    """Make (or reuse) the demo's train and held-out sets; returns cfg pointing at them. Under
+    torchrun only each machine's local rank 0 makes them; the other processes wait for its
+    marker (root/.ready, naming the settings it was made with)."""
     import copy
+    import json
 
     from .data.prepare import prepare
     from .data.synth import synthesize
 
+    key = json.dumps(dict(videos=cfg.train.demo_videos, heldout=cfg.train.demo_heldout,
+                          seed=cfg.synth.seed, codec=cfg.prepare.codec,
+                          short_side=cfg.prepare.short_side), sort_keys=True)
+    marker = root / ".ready"
+    cfg.train.data, cfg.train.eval_data = str(root / "train"), str(root / "heldout")
+    if local_rank != 0:
+        deadline = time.monotonic() + 3600
+        while not (marker.is_file() and marker.read_text() == key):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"local rank 0 did not finish the demo data in {root} "
+                                   f"within an hour; see its output")
+            time.sleep(1.0)
+        return cfg
+    if marker.exists():
+        marker.unlink()
     t0 = time.perf_counter()
     for name, n, seed in (("train", cfg.train.demo_videos, cfg.synth.seed),
                           ("heldout", cfg.train.demo_heldout, cfg.synth.seed + 1000)):
@@ -61,6 +80,6 @@ def prepare_demo_data(cfg: Config, root: Path = Path("data/demo"), progress: boo
         synthesize(root / f"synth_{name}", c, progress=progress)
         prepare(root / f"synth_{name}", root / name, c, progress=progress,
                 command=f"fastavts train (demo data: {name})")
-    cfg.train.data, cfg.train.eval_data = str(root / "train"), str(root / "heldout")
+    marker.write_text(key)
     print(f"fastavts train: demo data ready in {root} ({time.perf_counter() - t0:.1f} s)")
     return cfg

@@ -28,8 +28,8 @@ import torch
 
 from .config import Config, ConfigError, save_config, to_yaml
 from .data.loader import make_loader
-from .losses import (inbatch_contrastive_loss, infonce_loss, pair_kinds,
-                     paired_contrastive_loss, sync_ce_loss)
+from .losses import (inbatch_contrastive_loss, inbatch_infonce_loss, paired_contrastive_loss,
+                     sync_ce_loss)
 from .models.avts import AVTS
 
 
@@ -49,7 +49,8 @@ def resolve_auto(cfg: Config, cuda: bool) -> Config:
     if cfg.loader.device == "auto":
         cfg.loader.device = "gpu" if cuda else "cpu"
     if cfg.loss.impl == "auto":
-        cfg.loss.impl = "triton" if cuda and cfg.loss.kind == "contrastive" else "reference"
+        cfg.loss.impl = "triton" if cuda and cfg.loss.kind in ("contrastive", "infonce") \
+            else "reference"
     elif cfg.loss.impl == "triton" and not cuda:
         from .kernels.contrastive import INTERPRET
         if not INTERPRET:
@@ -59,24 +60,37 @@ def resolve_auto(cfg: Config, cuda: bool) -> Config:
     return cfg
 
 
-def compute_loss(model, cfg: Config, batch: dict, v, a, fv, fa):
+def gathers_negatives(cfg: Config, world: int) -> bool:
+    """loss.gather_negatives resolved: in-batch losses share negatives across ranks."""
+    g = cfg.loss.gather_negatives
+    if g == "off" or world == 1:
+        return False
+    return g == "on" or cfg.loss.kind == "infonce" or (
+        cfg.loss.kind == "contrastive" and cfg.sampler.pairs == "inbatch")
+
+
+def compute_loss(model, cfg: Config, batch: dict, v, a, fv, fa, group=None):
+    """The configured loss of one batch. `group`: gather every rank's audio windows as
+    negatives (the loss is then the whole batch's; see kernels/contrastive.gather_columns)."""
     lk, sm = cfg.loss, cfg.sampler
     dev = v.device
     if lk.kind == "ce":
         return sync_ce_loss(model.sync_logits(fv, fa), batch["label"].to(dev))
+    ids = (batch["clip_video"].to(dev), batch["clip_t0"].to(dev), batch["audio_video"].to(dev),
+           batch["audio_t0"].to(dev))
+    # every rank's windows fit this: the batch's size, times the windows per clip
+    capacity = cfg.loader.batch_size * ((1 + sm.k) if sm.pairs == "inbatch" else 1)
     if lk.kind == "infonce":
-        kinds = pair_kinds(batch["clip_video"].to(dev), batch["clip_t0"].to(dev),
-                           batch["audio_video"].to(dev), batch["audio_t0"].to(dev),
-                           sm.hard_min_shift, lk.sync_tol)
-        return infonce_loss(v, a, kinds, lk.temperature)
+        return inbatch_infonce_loss(v, a, *ids, temperature=lk.temperature,
+                                    hard_min_shift=sm.hard_min_shift, sync_tol=lk.sync_tol,
+                                    impl=lk.impl, group=group, gather_capacity=capacity)
     if sm.pairs == "paired":
         return paired_contrastive_loss(v, a, batch["label"].to(dev), margin=lk.margin,
                                        impl=lk.impl)
     return inbatch_contrastive_loss(
-        v, a, batch["clip_video"].to(dev), batch["clip_t0"].to(dev),
-        batch["audio_video"].to(dev), batch["audio_t0"].to(dev), margin=lk.margin,
-        hard_share=batch["hard_share"], hard_min_shift=sm.hard_min_shift, sync_tol=lk.sync_tol,
-        impl=lk.impl)
+        v, a, *ids, margin=lk.margin, hard_share=batch["hard_share"],
+        hard_min_shift=sm.hard_min_shift, sync_tol=lk.sync_tol, impl=lk.impl, group=group,
+        gather_capacity=capacity)
 
 
 class _NvtxAndRecord:
@@ -177,6 +191,8 @@ class TrainStep:
         self.range = lambda name: nullcontext()
         z = lambda: torch.zeros((), dtype=torch.float32, device=device)  # noqa: E731
         self.bad_total, self.bad_run, self.bad_run_max = z(), z(), z()
+        # negatives from every rank (loss.gather_negatives): the default process group
+        self.group = torch.distributed.group.WORLD if gathers_negatives(cfg, world) else None
 
     def to_device(self, batch: dict) -> dict:
         """Every tensor of the batch on the device (asynchronous from pinned memory)."""
@@ -197,7 +213,7 @@ class TrainStep:
             with self.range("forward"):
                 v, a, fv, fa = self.net(video, audio)
             with self.range("loss"):
-                loss = compute_loss(self.model, self.cfg, b, v, a, fv, fa)
+                loss = compute_loss(self.model, self.cfg, b, v, a, fv, fa, group=self.group)
         bad = (~torch.isfinite(loss.detach())).to(torch.float32)
         if self.world > 1:   # one rank's NaN skips the step on every rank
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -498,7 +514,8 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
                   final_loss=round(float(np.mean(finite[-20:])), 5) if finite else None,
                   skipped_nonfinite=int(train_step.bad_total.item()), faults=dict(loader.faults),
                   model=f"{cfg.model.video}+{cfg.model.audio}", loss=cfg.loss.kind,
-                  pairs=cfg.sampler.pairs, **gpu)
+                  pairs=cfg.sampler.pairs, world_size=world,
+                  negatives_from_ranks=world if train_step.group is not None else 1, **gpu)
     if gpu:
         metrics.scalars(step, {f"gpu_summary/{k}": x for k, x in gpu.items()})
     if is_main and tc.eval_data:

@@ -135,8 +135,8 @@ def reference_sums(v, a, clip_video, clip_t0, audio_video, audio_t0, *, margin=1
 def loss_from_sums(sums, counts, hard_share: float, group=None):
     """The loss from the three sums and counts (the rule of the module docstring). With a
     group the counts are the whole batch's (all-reduced) and the loss is scaled for DDP."""
-    if group is not None:
-        counts = counts.clone()
+    if group is not None:   # counts carry no gradient
+        counts = counts.detach().clone()
         torch.distributed.all_reduce(counts, group=group)
     local = (coefficients(counts, hard_share).to(sums.dtype) * sums).sum()
     return world_scale(local, group)
@@ -156,12 +156,10 @@ def inbatch_reference_branchless(v, a, clip_video, clip_t0, audio_video, audio_t
 # Negatives across ranks
 
 def gather_columns(a, audio_video, audio_t0, group, capacity: int | None = None):
-    """Every rank's audio columns, in rank order: `a` through torch.distributed.nn's all_gather
-    (its backward sums every rank's gradient into the owner's rows), ids and times without
-    gradients. Ranks with fewer columns are padded to `capacity` with id -1 (ignored by every
+    """Every rank's audio columns, in rank order: `a` with gradients (_GatherRows: the backward
+    sums every rank's gradient into the owner's rows), ids and times without them. Ranks with fewer columns are padded to `capacity` with id -1 (ignored by every
     pair); without a capacity the ranks' sizes are exchanged first (a host read)."""
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_fn
 
     world = dist.get_world_size(group)
     if world == 1:
@@ -180,13 +178,43 @@ def gather_columns(a, audio_video, audio_t0, group, capacity: int | None = None)
         a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
         audio_video = torch.cat([audio_video, audio_video.new_full((pad,), -1)])
         audio_t0 = torch.cat([audio_t0, audio_t0.new_zeros(pad)])
-    a_all = torch.cat(dist_fn.all_gather(a.contiguous(), group=group))
+    a_all = _GatherRows.apply(a, group)
     out = []
     for t in (audio_video.contiguous(), audio_t0.contiguous()):
         parts = [torch.empty_like(t) for _ in range(world)]
         dist.all_gather(parts, t, group=group)
         out.append(torch.cat(parts))
     return a_all, out[0], out[1]
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows in rank order (equal row counts); backward: each rank gets the sum over
+    ranks of the gradient of its own rows (reduce-scatter on NCCL; gloo, which lacks it, sums
+    the whole gradient and keeps its slice)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        import torch.distributed as dist
+
+        ctx.group, ctx.n = group, x.shape[0]
+        ctx.rank, world = dist.get_rank(group), dist.get_world_size(group)
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        parts = list(out.chunk(world))
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        import torch.distributed as dist
+
+        g = g.contiguous()
+        if dist.get_backend(ctx.group) == "nccl":
+            mine = g.new_empty((ctx.n, *g.shape[1:]))
+            dist.reduce_scatter_tensor(mine, g, group=ctx.group)
+            return mine, None
+        g = g.clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
 
 
 def world_scale(local, group):

@@ -154,8 +154,8 @@ def test_impl_triton_refused_without_gpu_or_interpreter(prepared, tmp_path, monk
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
         train(cfg_for(prepared, "loss.kind=contrastive", "loss.impl=triton"), tmp_path,
               progress=False)
-    with pytest.raises(ConfigError, match="fused kernel computes loss.kind=contrastive"):
-        cfg_for(prepared, "loss.kind=infonce", "loss.impl=triton")
+    with pytest.raises(ConfigError, match="fused kernels compute loss.kind=contrastive and infonce"):
+        cfg_for(prepared, "loss.kind=ce", "loss.impl=triton")
 
 
 @pytest.mark.parametrize("kind", ["dali", "memory"])
@@ -261,3 +261,37 @@ def test_a_steady_state_gpu_step_never_waits_for_the_host(synth_dir, tmp_path_fa
                   "train.log_every=1000", "train.precision=bf16")
     r = train(cfg, tmp_path, progress=False)
     assert r["steps"] == 9 and np.isfinite(r["losses"]).all()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_nodes_on_localhost_train_with_gathered_negatives(prepared, tmp_path):
+    """Multi-node as users launch it: two torchrun agents (`--nnodes 2`, one process each)
+    meeting through a c10d rendezvous on localhost, the fused InfoNCE (interpreter) with every
+    rank's windows as negatives; both finish, rank 0 reports."""
+    import os
+
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "t2n",
+           "-m", "fastavts.cli", "train", "--out", str(tmp_path / "run"), "-q", *FAST,
+           f"train.data={prepared}", "train.epochs=2", "loss.kind=infonce", "loss.impl=triton",
+           "sampler.pairs=inbatch", "loader.kind=memory", "loader.batch_size=3"]
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(2)]
+    outs = [n.communicate(timeout=300) for n in nodes]
+    for n, (o, e) in zip(nodes, outs):
+        print(o[-1500:], e[-2500:])
+        assert n.returncode == 0
+    reports = [json.loads(line) for o, _ in outs for line in o.splitlines()
+               if line.startswith("{")]
+    assert len(reports) == 1                                # rank 0 only
+    r = reports[0]
+    assert r["world_size"] == 2 and r["negatives_from_ranks"] == 2
+    assert r["steps"] == 4 and (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
