@@ -77,8 +77,12 @@ def cmd_prepare(args) -> int:
     command = "fastavts " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["prepare"] else ""
     _sigterm_as_interrupt()
     try:
+        shard = None
+        if args.shard:
+            from .data.prepare import parse_shard
+            shard = parse_shard(args.shard)
         s = prepare(args.src, args.out, cfg, progress=not args.quiet,
-                    retry_rejected=args.retry_rejected, command=command)
+                    retry_rejected=args.retry_rejected, command=command, shard=shard)
     except KeyboardInterrupt as e:
         s = e.args[0] if e.args and isinstance(e.args[0], dict) else None
         done = f"{s['prepared']} prepared and {s['rejected']} rejected inputs are saved; " if s else ""
@@ -96,6 +100,16 @@ def cmd_prepare(args) -> int:
               f"prepare.extensions.", file=sys.stderr)
     if s["rejected"]:
         print(f"prepare: reasons per file in {Path(args.out) / 'rejected.jsonl'}", file=sys.stderr)
+    print(json.dumps(s))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .data.merge import merge
+
+    s = merge(args.shares, args.out, copy=args.copy, progress=not args.quiet)
+    print(f"merge: {s['shares']} shares -> {s['out']}: {s['prepared']} of {s['inputs']} inputs "
+          f"usable, {s['rejected']} rejected", file=sys.stderr)
     print(json.dumps(s))
     return 0
 
@@ -310,9 +324,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment-seconds", type=float, help="cut into segments (default 0: no)")
     p.add_argument("--retry-rejected", action="store_true",
                    help="try the inputs in rejected.jsonl again")
+    p.add_argument("--shard", metavar="K/N", help="prepare only the K-th of N shares of the "
+                   "inputs (0 <= K < N; the same split on every machine), e.g. one per SLURM "
+                   "array task; join the N shares with `fastavts merge`")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_common(p)
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("merge", help="join the shares of a sharded prepare into one dataset",
+                       description="Join the N shares made by `fastavts prepare SRC DIR_k "
+                       "--shard k/N` into one dataset: one audio bank, one manifest, one rejected "
+                       "list, the video files hard-linked (or copied). Equals a single prepare of "
+                       "the same inputs. Shares of other inputs or settings, overlapping, missing "
+                       "or unfinished shares are refused. Run it again to finish an interrupted "
+                       "merge.")
+    p.add_argument("shares", nargs="+", metavar="SHARE_DIR", help="the share folders")
+    p.add_argument("--out", required=True, help="the dataset folder to make")
+    p.add_argument("--copy", action="store_true", help="copy the video files (default: hard "
+                   "links where the filesystem allows, else copies)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("train", help="train the audio and video nets (no data: the demo)",
                        description="Train AVTS on a prepared set (train.data=DIR). With no data "

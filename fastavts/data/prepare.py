@@ -19,6 +19,7 @@ the two lists; a worker that dies inside FFmpeg is retried alone, then rejected.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -55,6 +56,50 @@ class Reject(Exception):
 
 # --------------------------------------------------------------------------------------------
 # Inputs
+
+
+SHARD = "shard.json"
+
+
+def assign_ids(inputs: list[dict]) -> None:
+    """Give every input its video id from the whole listing (sorted folder walk, or the CSV's
+    rows): the slug of its path, `-2`, `-3`... for repeats. A pure function of the input list,
+    so a share of a sharded prepare gives its videos the ids a single prepare would."""
+    used: set[str] = set()
+    for inp in inputs:
+        base = vid = _slug(inp["rel"])
+        n = 1
+        while vid in used:
+            n += 1
+            vid = f"{base}-{n}"
+        used.add(vid)
+        inp["id"] = vid
+
+
+def shard_of(rel: str, n: int) -> int:
+    """The share (0..n-1) an input belongs to: a hash of its path relative to SRC (or of its
+    CSV path), the same on every machine whatever the file order or the worker count."""
+    return int(hashlib.sha1(rel.encode()).hexdigest()[:12], 16) % n
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'K/N' -> (K, N), 0 <= K < N."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: give K/N, e.g. 0/4 for the first of 4 shares") from None
+    if not (n >= 1 and 0 <= k < n):
+        raise ConfigError(f"--shard {text!r}: K/N needs N >= 1 and 0 <= K < N (the shares are "
+                          f"numbered 0 to N-1)")
+    return k, n
+
+
+def inputs_fingerprint(inputs: list[dict]) -> str:
+    """What every share of one sharded prepare must agree on: the whole input listing."""
+    h = hashlib.sha256()
+    for inp in inputs:
+        h.update(inp["rel"].encode() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def _slug(rel: str) -> str:
@@ -697,18 +742,48 @@ def _check_workers_start() -> None:
 
 
 def prepare(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, progress: bool = True,
-            retry_rejected: bool = False, command: str = "") -> dict:
-    """Prepare SRC into OUT (see the module docstring). Returns the summary dict."""
+            retry_rejected: bool = False, command: str = "",
+            shard: Optional[tuple[int, int]] = None) -> dict:
+    """Prepare SRC into OUT (see the module docstring). Returns the summary dict.
+
+    `shard=(K, N)`: only the K-th of N shares of the inputs (shard_of: a hash of each input's
+    path), with the ids a single prepare would give them; OUT/shard.json records the share.
+    `fastavts merge` joins the N shares into one dataset."""
     src, out = Path(src), Path(out)
     cfg.prepare.codec = resolve_codec(cfg.prepare.codec)
     inputs, ignored = list_inputs(src, cfg, out)
+    assign_ids(inputs)
+    shard_info = None
+    if shard is not None:
+        k, n = shard
+        shard_info = dict(shard=k, of=n, inputs=len(inputs), inputs_sha=inputs_fingerprint(inputs))
+        inputs = [inp for inp in inputs if shard_of(inp["rel"], n) == k]
+        shard_info["shard_inputs"] = len(inputs)
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)  # held until this process exits or prepare returns
     try:
+        _check_shard(out, shard_info)
         return _prepare_locked(src, out, cfg, inputs, ignored, progress, retry_rejected,
-                               command)
+                               command, shard_info)
     finally:
         lock.close()
+
+
+def _check_shard(out: Path, info: Optional[dict]) -> None:
+    """A rerun into OUT must be the same share of the same inputs (or unsharded both times)."""
+    path = out / SHARD
+    had = json.loads(path.read_text()) if path.exists() else None
+    started = (out / MANIFEST).exists() or (out / REJECTED).exists()
+    if started and had != info and (had is not None or info is not None):
+        def say(x):
+            return "unsharded" if x is None else f"share {x['shard']}/{x['of']} of {x['inputs']} inputs"
+        raise ConfigError(f"'{out}' holds a prepare of {say(had)}; this run asks for "
+                          f"{say(info)}. Rerun with the same --shard (and the same inputs) to "
+                          f"resume, or prepare into a new folder.")
+    if info is not None:
+        tmp = out / f".{SHARD}.tmp"
+        tmp.write_text(json.dumps(info, indent=1))
+        os.replace(tmp, path)
 
 
 def _lock(out: Path):
@@ -726,7 +801,8 @@ def _lock(out: Path):
 
 
 def _prepare_locked(src: Path, out: Path, cfg: Config, inputs: list, ignored: list,
-                    progress: bool, retry_rejected: bool, command: str) -> dict:
+                    progress: bool, retry_rejected: bool, command: str,
+                    shard_info: Optional[dict] = None) -> dict:
     from tqdm import tqdm
 
     _check_frozen(out, cfg)
@@ -743,7 +819,7 @@ def _prepare_locked(src: Path, out: Path, cfg: Config, inputs: list, ignored: li
     valid = max((r["audio_offset"] + r["audio_samples"] for r in manifest), default=0)
     bank = AudioBankWriter(out, cfg.data.sample_rate, valid)
     done = {r["source"] for r in manifest} | {r["source"] for r in rejected}
-    used_ids = {r["id"] for r in manifest}
+    used_ids = {r["id"] for r in manifest} | {r["id"] for r in rejected if "id" in r}
 
     work = out / WORK
     shutil.rmtree(work, ignore_errors=True)
@@ -759,11 +835,12 @@ def _prepare_locked(src: Path, out: Path, cfg: Config, inputs: list, ignored: li
     for inp in inputs:
         if inp["source"] in done:
             continue
-        vid, n = _slug(inp["rel"]), 1
-        base = vid
-        while vid in used_ids:
-            n += 1
-            vid = f"{base}-{n}"
+        vid = inp["id"]   # assign_ids: from the whole listing
+        if vid in used_ids:   # a set made before ids came from the listing: keep them unique
+            base, n = vid, 1
+            while vid in used_ids:
+                n += 1
+                vid = f"{base}-{n}"
         used_ids.add(vid)
         pending.append(dict(inp, id=vid, work=str(work), data=asdict(cfg.data),
                             prepare=asdict(cfg.prepare)))
@@ -847,6 +924,9 @@ def _prepare_locked(src: Path, out: Path, cfg: Config, inputs: list, ignored: li
         video_hours=round((video_s + new_video_s) / 3600, 4),
         workers=workers, codec=cfg.prepare.codec, interrupted=interrupted,
     )
+    if shard_info is not None:
+        summary.update(shard=f"{shard_info['shard']}/{shard_info['of']}",
+                       all_inputs=shard_info["inputs"])
     tmp = out / f".{SUMMARY}.tmp"
     tmp.write_text(json.dumps(summary, indent=1))
     os.replace(tmp, out / SUMMARY)
