@@ -1,4 +1,5 @@
-"""The contrastive loss: eager reference vs torch.compile(reference) vs the fused Triton kernel.
+"""The in-batch losses (the AVTS margin loss and InfoNCE, --loss): eager reference vs
+torch.compile(reference) vs the fused Triton kernel.
 
     python bench/bench_loss.py                                   # GPU: the issue's full grid
     python bench/bench_loss.py --sizes 256 1024 --dims 128       # CPU: eager and compiled only
@@ -50,16 +51,31 @@ def make_inputs(B, M, D, dtype, device, seed=0):
                                    cv, ct, av, at)]
 
 
-def loss_fn(impl):
+KWARGS = {"contrastive": dict(margin=1.0, hard_share=0.25, hard_min_shift=0.5, sync_tol=0.02),
+          "infonce": dict(temperature=0.1, hard_min_shift=0.5, sync_tol=0.02)}
+
+
+def loss_fn(impl, loss="contrastive"):
+    """The loss as `impl` computes it, with the benchmark's settings bound."""
+    import functools
+
     import torch
 
     from fastavts.kernels import contrastive as C
+    from fastavts.kernels import infonce as I
 
+    kw = KWARGS[loss]
+    if loss == "contrastive":
+        eager, branchless, fused = C.inbatch_reference, C.inbatch_reference_branchless, \
+            C.inbatch_contrastive_loss
+    else:   # the reference is branch-free already
+        eager = branchless = I.inbatch_infonce_reference
+        fused = I.inbatch_infonce_loss
     if impl == "eager":
-        return C.inbatch_reference
+        return functools.partial(eager, **kw)
     if impl == "compiled":
-        return torch.compile(C.inbatch_reference_branchless, dynamic=False)
-    return lambda *args, **kw: C.inbatch_contrastive_loss(*args, impl="triton", **kw)
+        return torch.compile(functools.partial(branchless, **kw), dynamic=False)
+    return functools.partial(fused, impl="triton", **kw)
 
 
 def time_one(fn, inputs, backward, args, device):
@@ -71,7 +87,7 @@ def time_one(fn, inputs, backward, args, device):
     def call():
         v = v0.detach().requires_grad_(backward)
         a = a0.detach().requires_grad_(backward)
-        loss = fn(v, a, *rest, margin=1.0, hard_share=0.25, hard_min_shift=0.5, sync_tol=0.02)
+        loss = fn(v, a, *rest)
         if backward:
             loss.backward()
         return loss
@@ -96,6 +112,9 @@ def main(argv=None) -> int:
                    default=[256, 1024, 4096, 8192] if cuda else [256, 1024])
     p.add_argument("--m-factor", type=int, default=2, help="M = this x B (default 2)")
     p.add_argument("--dims", type=int, nargs="+", default=[128, 512])
+    p.add_argument("--loss", choices=["contrastive", "infonce"], nargs="+",
+                   default=["contrastive", "infonce"],
+                   help="the margin loss and/or InfoNCE (both with pair kinds)")
     p.add_argument("--dtype", choices=list(DTYPES), nargs="+", default=["fp32"],
                    help="embedding dtype(s); fp32 is what the trainer hands the loss (the towers "
                    "normalise their embeddings in fp32 under bf16 autocast)")
@@ -118,11 +137,11 @@ def main(argv=None) -> int:
         print("NOTE: no CUDA GPU: CPU figures (eager and compiled reference); the Triton kernel "
               "and the targets need an H100/H200.")
     rows = Rows(args.out, enabled=not args.once)
-    hdr = f"{'dtype':>5} {'B':>6} {'M':>6} {'D':>4} {'pass':>8} {'impl':>9} {'median ms':>10} " \
+    hdr = f"{'loss':>11} {'dtype':>5} {'B':>6} {'M':>6} {'D':>4} {'pass':>8} {'impl':>9} {'median ms':>10} " \
           f"{'p20':>9} {'p80':>9} {'TFLOP/s':>8} {'extra MB':>9}"
     print(hdr)
-    fns = {impl: loss_fn(impl) for impl in args.impl}
-    for dtype in args.dtype:
+    for loss, dtype in [(x, y) for x in args.loss for y in args.dtype]:
+        fns = {impl: loss_fn(impl, loss) for impl in args.impl}
         for B in args.sizes:
             M = args.m_factor * B
             for D in args.dims:
@@ -136,15 +155,15 @@ def main(argv=None) -> int:
                             # the whole grid hits dynamo's recompile limit (8) and silently
                             # runs eager
                             torch._dynamo.reset()
-                            fns[impl] = loss_fn(impl)
-                        key = dict(ctx, bench="loss", device=device, B=B, M=M, D=D,
+                            fns[impl] = loss_fn(impl, loss)
+                        key = dict(ctx, bench="loss", device=device, loss=loss, B=B, M=M, D=D,
                                    dtype=dtype, pass_=ps, impl=impl)
                         try:
                             times, peak = time_one(fns[impl], inputs, ps == "fwd+bwd", args,
                                                    device)
                         except torch.OutOfMemoryError:
                             torch.cuda.empty_cache()
-                            print(f"{dtype:>5} {B:>6} {M:>6} {D:>4} {ps:>8} {impl:>9}   out of "
+                            print(f"{loss:>11} {dtype:>5} {B:>6} {M:>6} {D:>4} {ps:>8} {impl:>9}   out of "
                                   f"memory")
                             rows.add(dict(key, oom=True))
                             continue
@@ -164,7 +183,7 @@ def main(argv=None) -> int:
                                                      if base in done else None)
                             row["loss_rel_err_vs_eager"] = loss_error(fns, inputs)
                         rows.add(row)
-                        print(f"{dtype:>5} {B:>6} {M:>6} {D:>4} {ps:>8} {impl:>9} {med:>10.3f} "
+                        print(f"{loss:>11} {dtype:>5} {B:>6} {M:>6} {D:>4} {ps:>8} {impl:>9} {med:>10.3f} "
                               f"{row['p20_ms']:>9.3f} {row['p80_ms']:>9.3f} "
                               f"{row['tflops']:>8.4g} "
                               f"{'-' if peak is None else f'{peak:.1f}':>9}"
@@ -182,10 +201,9 @@ def loss_error(fns, inputs) -> float | None:
     if "eager" not in fns:
         return None
     v, a, *rest = inputs
-    kw = dict(margin=1.0, hard_share=0.25, hard_min_shift=0.5, sync_tol=0.02)
     with torch.no_grad():
-        ref = float(fns["eager"](v, a, *rest, **kw))
-        got = float(fns["triton"](v, a, *rest, **kw))
+        ref = float(fns["eager"](v, a, *rest))
+        got = float(fns["triton"](v, a, *rest))
     return float(f"{abs(got - ref) / max(abs(ref), 1e-30):.3g}")
 
 

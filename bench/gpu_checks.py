@@ -5,12 +5,14 @@ NVDEC library in its sandbox).
 
     python bench/gpu_checks.py core   # needs only: pip install --no-deps --no-build-isolation -e .
         env         GPU, driver, versions, NVDEC library present or not
-        tests       tests/test_kernel_contrastive.py compiled (fp32, fp16, bf16) and
-                    tests/test_models.py (torchvision's weights load into our nets, same outputs)
-        bench_loss  eager vs torch.compile vs Triton, fwd+bwd, B 1024/8192/4096, D 128/512, fp32
-                    (target: Triton <= 1/3 eager, <= 2/3 compiled; its loss error vs eager)
+        tests       tests/test_kernel_contrastive.py and test_kernel_infonce.py compiled (fp32,
+                    fp16, bf16) and tests/test_models.py (torchvision's weights load into our
+                    nets, same outputs)
         bench_model R(2+1)D-18 16x112x112 + audio net, bf16, channels_last, batch 64 and 32
                     (target: MFU >= 35 %)
+        bench_loss  margin loss then InfoNCE: eager vs torch.compile vs Triton, fwd+bwd,
+                    B 1024/8192/4096, D 128/512, fp32 (target: Triton <= 1/3 eager, <= 2/3
+                    compiled; its loss error vs eager)
     python bench/gpu_checks.py dali   # needs DALI, PyAV and OmegaConf carried in (README)
         env         as above, plus the imports; without NVDEC the mixed-decoder steps are left
                     out and the summary says so
@@ -187,26 +189,30 @@ def core(r: Runner) -> Path:
     extra = env_step(r, ["torch", "triton", "torchvision", "omegaconf"])
     pytest = [PY, "-m", "pytest", "-q", "-rs", "--junitxml", str(r.dir / "tests.xml")]
     if r.dry:
-        r.step("tests", pytest + ["tests/test_kernel_contrastive.py", "tests/test_models.py",
-                                  "-k", "1-7-64 or hand_computed or tiny"], 240)
-        r.step("bench_loss", [PY, "bench/bench_loss.py", "--sizes", "16", "--dims", "8",
-                              "--impl", "eager", "triton", "--passes", "fwd+bwd",
-                              "--repeats", "2", "--warmup", "1",
-                              "--out", r.results("loss")], 120)
+        r.step("tests", pytest + ["tests/test_kernel_contrastive.py", "tests/test_kernel_infonce.py",
+                                  "tests/test_models.py",
+                                  "-k", "1-7-64 or hand_computed or tiny or definition"], 240)
         r.step("bench_model", [PY, "bench/bench_model.py", "--models", "tiny", "audio_tiny",
                                "--batch-sizes", "2", "--frames", "8", "--size", "32",
                                "--channels-last", "off", "--repeats", "2", "--warmup", "1",
                                "--out", r.results("model")], 120)
+        r.step("bench_loss", [PY, "bench/bench_loss.py", "--sizes", "16", "--dims", "8",
+                              "--impl", "eager", "triton", "--passes", "fwd+bwd",
+                              "--repeats", "2", "--warmup", "1",
+                              "--out", r.results("loss")], 120)
     else:
-        r.step("tests", pytest + ["tests/test_kernel_contrastive.py", "tests/test_models.py"], 150)
-        r.step("bench_loss", [PY, "bench/bench_loss.py", "--sizes", "1024", "8192", "4096",
-                              "--dims", "128", "512", "--dtype", "fp32", "--passes", "fwd+bwd",
-                              "--impl", "eager", "compiled", "triton", "--repeats", "20",
-                              "--warmup", "3", "--out", r.results("loss")], 200)
+        r.step("tests", pytest + ["tests/test_kernel_contrastive.py", "tests/test_kernel_infonce.py",
+                                  "tests/test_models.py"], 160)
         r.step("bench_model", [PY, "bench/bench_model.py", "--models", "r2plus1d_18", "audio",
                                "--batch-sizes", "64", "32", "--precision", "bf16",
                                "--channels-last", "on", "--compile", "off", "--repeats", "15",
-                               "--warmup", "5", "--out", r.results("model")], 110)
+                               "--warmup", "5", "--out", r.results("model")], 100)
+        # the margin loss first (the grid), then InfoNCE; rows land as they are timed
+        r.step("bench_loss", [PY, "bench/bench_loss.py", "--loss", "contrastive", "infonce",
+                              "--sizes", "1024", "8192", "4096", "--dims", "128", "512",
+                              "--dtype", "fp32", "--passes", "fwd+bwd",
+                              "--impl", "eager", "compiled", "triton", "--repeats", "20",
+                              "--warmup", "3", "--out", r.results("loss")], 250)
     return r.finish(extra)
 
 

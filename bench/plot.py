@@ -153,13 +153,16 @@ def plot_loaders(data_rows, train_rows, machine, out: Path) -> Path:
 def plot_loss(rows, machine, out: Path) -> Path:
     plt = _plt()
     rows = [r for r in rows if "median_ms" in r]
-    rows = newest(rows, lambda r: (r["impl"], r["pass_"], r["B"], r["M"], r["D"], r["dtype"]))
-    passes = sorted({r["pass_"] for r in rows})
-    fig, axes = plt.subplots(1, len(passes), figsize=(6 * len(passes), 4), squeeze=False)
-    for ax, ps in zip(axes[0], passes):
+    for r in rows:   # rows from before InfoNCE had a kernel are the margin loss's
+        r.setdefault("loss", "contrastive")
+    rows = newest(rows, lambda r: (r["loss"], r["impl"], r["pass_"], r["B"], r["M"], r["D"],
+                                   r["dtype"]))
+    panels = sorted({(r["loss"], r["pass_"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (loss, ps) in zip(axes[0], panels):
         lines = defaultdict(list)
         for r in rows:
-            if r["pass_"] == ps:
+            if (r["loss"], r["pass_"]) == (loss, ps):
                 lines[(r["impl"], r["D"], r["dtype"])].append((r["B"], r["median_ms"]))
         for (impl, D, dtype), pts in sorted(lines.items()):
             pts.sort()
@@ -169,9 +172,9 @@ def plot_loss(rows, machine, out: Path) -> Path:
         ax.set_yscale("log")
         ax.set_xlabel("B (M = 2B)")
         ax.set_ylabel("ms (median)")
-        ax.set_title(ps)
+        ax.set_title(f"{loss} {ps}")
         ax.legend(fontsize=7)
-    fig.suptitle(f"contrastive loss (bench_loss.py) on {machine}")
+    fig.suptitle(f"in-batch losses (bench_loss.py) on {machine}")
     return save(fig, out / f"loss_{slug(machine)}.png")
 
 

@@ -179,12 +179,12 @@ def gather_columns(a, audio_video, audio_t0, group, capacity: int | None = None)
         audio_video = torch.cat([audio_video, audio_video.new_full((pad,), -1)])
         audio_t0 = torch.cat([audio_t0, audio_t0.new_zeros(pad)])
     a_all = _GatherRows.apply(a, group)
-    out = []
-    for t in (audio_video.contiguous(), audio_t0.contiguous()):
-        parts = [torch.empty_like(t) for _ in range(world)]
-        dist.all_gather(parts, t, group=group)
-        out.append(torch.cat(parts))
-    return a_all, out[0], out[1]
+    # ids and times in one collective: float64 holds ids below 2^53 and float32 times exactly
+    meta = torch.stack([audio_video.to(torch.float64), audio_t0.to(torch.float64)], 1)
+    parts = [torch.empty_like(meta) for _ in range(world)]
+    dist.all_gather(parts, meta.contiguous(), group=group)
+    meta = torch.cat(parts)
+    return a_all, meta[:, 0].to(audio_video.dtype), meta[:, 1].to(audio_t0.dtype)
 
 
 class _GatherRows(torch.autograd.Function):

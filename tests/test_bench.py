@@ -14,7 +14,8 @@ def test_bench_loss_writes_rows(tmp_path, capsys):
     assert bench_loss.main(["--sizes", "24", "--dims", "8", "--impl", "eager", "triton",
                             "--repeats", "3", "--warmup", "1", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 4   # 2 implementations x (fwd, fwd+bwd)
+    assert len(rows) == 8   # 2 losses x 2 implementations x (fwd, fwd+bwd)
+    assert {r["loss"] for r in rows} == {"contrastive", "infonce"}
     for r in rows:
         assert r["B"] == 24 and r["M"] == 48 and r["D"] == 8 and r["median_ms"] > 0
         assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["repeats"] == 3
@@ -22,6 +23,7 @@ def test_bench_loss_writes_rows(tmp_path, capsys):
         assert r["tflops"] > 0 and r["flop_count"]
     tri = [r for r in rows if r["impl"] == "triton"]
     assert all(r["vs_eager"] > 0 for r in tri)
+    assert all(r["loss_rel_err_vs_eager"] < 1e-5 for r in tri)   # the kernels' loss is eager's
     assert "median ms" in capsys.readouterr().out
 
 
