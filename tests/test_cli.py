@@ -6,7 +6,8 @@ import pytest
 
 from fastavts.cli import build_parser
 
-SUBCOMMANDS = ["synth", "prepare", "train", "eval-sync", "offset", "probe-audio", "finetune", "info"]
+SUBCOMMANDS = ["synth", "prepare", "merge", "train", "eval-sync", "offset", "probe-audio", "finetune",
+               "info"]
 
 
 def run(*args):
