@@ -146,6 +146,14 @@ class SamplerConfig:
                           "[[at, share], ...], piecewise constant from each `at` on")
     curriculum_unit: str = _f("fraction", "unit of the curriculum's `at`",
                               choices=("fraction", "epoch", "step"))
+    hard_share_as: str = _f("sample", "what the curriculum's hard share means: sample = the "
+                            "share of sampled negatives that are hard, every negative pair "
+                            "weighing the same (the paper's curriculum; inbatch: each of a clip's "
+                            "k extra windows is hard with that probability, else a window of "
+                            "another video); loss_weight = inbatch: all k extra windows hard, "
+                            "the hard pairs' mean weighted by the share in the loss (each hard "
+                            "pair then weighs ~20x an easy one at batch 32)",
+                            choices=("sample", "loss_weight"))
     clips_per_video: int = _f(1, "clips drawn from each video per epoch", min=1)
     seed: int = _f(0, "sampling seed: plans depend on (seed, epoch, batch, rank, world)", min=0)
 

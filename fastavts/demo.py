@@ -29,13 +29,14 @@ from .config import Config
 CPU_PRESET = [
     "data.clip_frames=8", "data.frame_stride=4", "data.crop=48", "prepare.short_side=52",
     "prepare.codec=vp9", "model.video=tiny", "model.audio=tiny", "model.time_bins=4",
-    "loss.kind=infonce", "sampler.pairs=inbatch", "sampler.k=1", "sampler.clips_per_video=2",
-    "loader.kind=memory", "loader.batch_size=32", "train.lr=0.003",
+    "loss.kind=infonce", "sampler.pairs=inbatch", "sampler.k=1", "sampler.curriculum=[[0.0,1.0]]",
+    "sampler.clips_per_video=2", "loader.kind=memory", "loader.batch_size=32", "train.lr=0.003",
     "train.channels_last=false", "train.epochs=230",
 ]
 GPU_PRESET = [
     "prepare.codec=h264", "model.video=r2plus1d_18", "model.audio=default",
-    "loss.kind=infonce", "sampler.pairs=inbatch", "sampler.k=1", "sampler.clips_per_video=4",
+    "loss.kind=infonce", "sampler.pairs=inbatch", "sampler.k=1", "sampler.curriculum=[[0.0,1.0]]",
+    "sampler.clips_per_video=4",
     "loader.batch_size=64", "loader.workers=8", "loader.threads=8", "train.epochs=40",
     "train.demo_videos=512", "train.demo_heldout=128",
 ]

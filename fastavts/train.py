@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .collapse import Detector, pair_stats
 from .config import Config, ConfigError, save_config, to_yaml
 from .data.loader import make_loader
 from .losses import (inbatch_contrastive_loss, inbatch_infonce_loss, paired_contrastive_loss,
@@ -87,8 +88,11 @@ def compute_loss(model, cfg: Config, batch: dict, v, a, fv, fa, group=None):
     if sm.pairs == "paired":
         return paired_contrastive_loss(v, a, batch["label"].to(dev), margin=lk.margin,
                                        impl=lk.impl)
+    # the paper's curriculum samples the hard negatives: then every negative pair weighs the
+    # same (hard_share None); loss_weight weighs the hard pairs' mean by the share
+    share = batch["hard_share"] if sm.hard_share_as == "loss_weight" else None
     return inbatch_contrastive_loss(
-        v, a, *ids, margin=lk.margin, hard_share=batch["hard_share"],
+        v, a, *ids, margin=lk.margin, hard_share=share,
         hard_min_shift=sm.hard_min_shift, sync_tol=lk.sync_tol, impl=lk.impl, group=group,
         gather_capacity=capacity)
 
@@ -191,6 +195,7 @@ class TrainStep:
         self.range = lambda name: nullcontext()
         z = lambda: torch.zeros((), dtype=torch.float32, device=device)  # noqa: E731
         self.bad_total, self.bad_run, self.bad_run_max = z(), z(), z()
+        self.stats = torch.zeros(4, device=device)   # collapse.pair_stats of the last step
         # negatives from every rank (loss.gather_negatives): the default process group
         self.group = torch.distributed.group.WORLD if gathers_negatives(cfg, world) else None
 
@@ -214,6 +219,9 @@ class TrainStep:
                 v, a, fv, fa = self.net(video, audio)
             with self.range("loss"):
                 loss = compute_loss(self.model, self.cfg, b, v, a, fv, fa, group=self.group)
+                # collapse watch (fastavts/collapse.py): device-side, read with the loss
+                self.stats = pair_stats(self.model, self.cfg, b, v, a, fv, fa,
+                                        self.world if self.group is not None else 1)
         bad = (~torch.isfinite(loss.detach())).to(torch.float32)
         if self.world > 1:   # one rank's NaN skips the step on every rank
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -426,6 +434,7 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
         monitor = GpuMonitor().start()
     metrics = Metrics(out, is_main)
     sync_check = _SyncCheck(tc.sync_check, cuda)
+    detector = Detector(cfg, total)
     history: list[float] = []
     pending: list[torch.Tensor] = []   # losses on the device, read every log_every steps
     clips = 0
@@ -435,9 +444,15 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
                dynamic_ncols=True)
 
     def read_back(batch) -> None:
-        """The host looks at the device: losses since the last read, the skip counters."""
-        history.extend(torch.stack(pending).tolist())
+        """The host looks at the device: losses since the last read, the skip counters, the
+        collapse watch's statistics of the last step."""
+        vals = torch.cat([torch.stack(pending).float(), train_step.stats]).tolist()
+        history.extend(vals[:-4])
         pending.clear()
+        said = detector.update(step, history[-1], vals[-4:])
+        if said and is_main:
+            print(said, flush=True)
+        metrics.scalars(step, {f"collapse/{k}": x for k, x in detector.last.items()})
         run, run_max = int(train_step.bad_run.item()), int(train_step.bad_run_max.item())
         elapsed = time.perf_counter() - t_start
         bar.set_postfix(loss=f"{history[-1]:.4f}", clips_s=f"{clips / elapsed:.1f}",
@@ -515,7 +530,8 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
                   skipped_nonfinite=int(train_step.bad_total.item()), faults=dict(loader.faults),
                   model=f"{cfg.model.video}+{cfg.model.audio}", loss=cfg.loss.kind,
                   pairs=cfg.sampler.pairs, world_size=world,
-                  negatives_from_ranks=world if train_step.group is not None else 1, **gpu)
+                  negatives_from_ranks=world if train_step.group is not None else 1,
+                  collapse=detector.summary(), **gpu)
     if gpu:
         metrics.scalars(step, {f"gpu_summary/{k}": x for k, x in gpu.items()})
     if is_main and tc.eval_data:

@@ -15,6 +15,11 @@ boundaries fall the same way.
     loss = 0.5 * mean_pos(d^2)
          + 0.5 * ((1 - h) * mean_easy(relu(m - d)^2) + h * mean_hard(relu(m - d)^2))
 
+or, with hard_share=None (every negative pair weighing the same: the paper's curriculum, where
+the share of hard negatives is set by sampling them, not by weights),
+
+    loss = 0.5 * mean_pos(d^2) + 0.5 * mean_{easy and hard}(relu(m - d)^2)
+
 A kind without pairs drops out and the weights left in its half are renormalised (only hard
 negatives and h = 0, or only easy ones and h = 1: they get the whole half); without negatives
 the loss is mean_pos(d^2), without anything it is 0.
@@ -90,11 +95,17 @@ def _weighted_mean(values, mask):
     return (values * mask).sum() / n.clamp_min(1), n > 0
 
 
-def contrastive_terms(d, kinds, margin: float, hard_share: float):
-    """The contrastive loss from distances d and kinds of the same shape."""
+def contrastive_terms(d, kinds, margin: float, hard_share: float | None):
+    """The contrastive loss from distances d and kinds of the same shape (hard_share None:
+    every negative pair weighs the same)."""
     d2 = d.pow(2)
     neg = F.relu(margin - d).pow(2)
     pos, has_pos = _weighted_mean(d2, kinds == POS)
+    if hard_share is None:
+        negative, has_neg = _weighted_mean(neg, (kinds == EASY) | (kinds == HARD))
+        if not has_neg:
+            return pos if has_pos else d.sum() * 0
+        return negative if not has_pos else 0.5 * pos + 0.5 * negative
     easy, has_easy = _weighted_mean(neg, kinds == EASY)
     hard, has_hard = _weighted_mean(neg, kinds == HARD)
     w_easy = (1 - hard_share) * has_easy.to(d.dtype)   # in d's precision (float64 stays so)
@@ -252,10 +263,18 @@ def paired_reference_branchless(v, a, y, *, margin=1.0):
 # --------------------------------------------------------------------------------------------
 # The loss from the sums: loss = sum_k c_k S_k (device-side, no host sync)
 
-def coefficients(counts, hard_share: float):
-    """(3,) float64 counts (pos, easy, hard) -> (3,) float64 c's of the rule above."""
+def coefficients(counts, hard_share: float | None):
+    """(3,) float64 counts (pos, easy, hard) -> (3,) float64 c's of the rule above (hard_share
+    None: one weight for every negative pair)."""
     n_pos, n_easy, n_hard = counts.unbind()
     has_pos, has_easy, has_hard = n_pos > 0, n_easy > 0, n_hard > 0
+    if hard_share is None:
+        n_neg = n_easy + n_hard
+        has_neg = n_neg > 0
+        c_pos = torch.where(has_pos, 1 / n_pos.clamp_min(1), 0.0)
+        c_neg = torch.where(has_neg, 1 / n_neg.clamp_min(1), 0.0)
+        half = torch.where(has_pos & has_neg, 0.5, 1.0)
+        return torch.stack([c_pos, c_neg, c_neg]) * half
     w_easy = (1 - hard_share) * has_easy.double()
     w_hard = hard_share * has_hard.double()
     zero = (w_easy + w_hard) == 0
@@ -699,7 +718,7 @@ def _check_shapes(v, a, *vectors):
 
 
 def inbatch_contrastive_loss(v, a, clip_video, clip_t0, audio_video, audio_t0, *,
-                             margin: float = 1.0, hard_share: float = 0.25,
+                             margin: float = 1.0, hard_share: float | None = 0.25,
                              hard_min_shift: float = 0.5, sync_tol: float = 0.02,
                              impl: str = "auto", group=None, gather_capacity: int | None = None,
                              _split: int = 0):
@@ -713,6 +732,8 @@ def inbatch_contrastive_loss(v, a, clip_video, clip_t0, audio_video, audio_t0, *
     if group is not None:
         a, audio_video, audio_t0 = gather_columns(a, audio_video, audio_t0, group,
                                                   gather_capacity)
+    if hard_share is not None:
+        hard_share = float(hard_share)
     if not _use_triton(impl, v):   # the reference, in its branch-free form (no host sync)
         return inbatch_reference_branchless(v, a, clip_video, clip_t0, audio_video, audio_t0,
                                             margin=margin, hard_share=hard_share,

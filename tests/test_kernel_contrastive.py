@@ -157,7 +157,7 @@ def test_inbatch_kernel_matches_float64(B, M, D, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ["no_pos", "no_hard", "no_neg", "only_hard_h0", "only_easy_h1",
-                                  "one_video", "nothing", "split", "noncontig", "raw"])
+                                  "one_video", "nothing", "split", "noncontig", "raw", "pooled"])
 def test_inbatch_kernel_edge_cases(case, dtype):
     kw = dict(sync_tol=0.25, hard_min_shift=0.5, hard_share=0.3, margin=1.0)
     v, a, cv, ct, av, at = _inbatch(45, 90, 64, dtype, seed=3, noncontig=case == "noncontig",
@@ -186,6 +186,8 @@ def test_inbatch_kernel_edge_cases(case, dtype):
         split = 3
     elif case == "raw":           # unnormalised embeddings, distances far beyond the margin
         kw["margin"] = 5.0
+    elif case == "pooled":        # hard_share None: every negative pair weighs the same
+        kw["hard_share"] = None
     ref64 = _compare_inbatch(f"{case} {dtype}", v, a, cv, ct, av, at, dtype, split=split, **kw)
     if case == "nothing":
         assert ref64[0].item() == 0.0
@@ -287,7 +289,18 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     assert r.stdout.count("cubin") == 12   # 4 kernels x fp32/fp16/bf16
 
 
-@pytest.mark.parametrize("case", ["mixed", "no_pos", "only_hard_h0", "nothing"])
+def test_pooled_negatives_are_one_mean_over_every_negative_pair():
+    v, a, cv, ct, av, at = _inbatch(20, 40, 8, torch.float64, seed=9)
+    kinds = C.pair_kinds(cv, ct, av, at, 0.5, 0.25)
+    d = torch.cdist(v, a)
+    neg = (kinds == C.EASY) | (kinds == C.HARD)
+    want = 0.5 * d[kinds == C.POS].pow(2).mean() + 0.5 * (1.0 - d[neg]).clamp_min(0).pow(2).mean()
+    got = C.inbatch_contrastive_loss(v, a, cv, ct, av, at, hard_share=None, sync_tol=0.25,
+                                     impl="reference")
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("case", ["mixed", "no_pos", "only_hard_h0", "nothing", "pooled"])
 def test_branchless_reference_equals_the_reference(case):
     """bench_loss compiles the branch-free form; it must be the same loss and gradients."""
     v, a, cv, ct, av, at = _inbatch(30, 50, 16, torch.float64, seed=11)
@@ -298,6 +311,8 @@ def test_branchless_reference_equals_the_reference(case):
         cv, av, kw["hard_share"] = cv * 0, av * 0, 0.0
     elif case == "nothing":
         cv, av, ct, at = cv * 0, av * 0, ct * 0, at * 0 + 0.3
+    elif case == "pooled":
+        kw["hard_share"] = None
     ref = _run(C.inbatch_reference, v, a, cv, ct, av, at, **kw)
     got = _run(C.inbatch_reference_branchless, v, a, cv, ct, av, at, **kw)
     for r, g in zip(ref, got):

@@ -38,6 +38,31 @@ def test_curriculum_schedule_is_followed_by_the_batches():
         assert s.hard_share(epoch, 0) == want
 
 
+@pytest.mark.parametrize("share_as", ["sample", "loss_weight"])
+def test_inbatch_hard_windows_follow_the_schedule_as_sampled_shares(share_as):
+    """hard_share_as=sample: each clip's extra windows are hard with the scheduled share, else
+    windows of other videos (the paper's sampled share); loss_weight: always hard."""
+    s, cfg = make("sampler.pairs=inbatch", "sampler.k=2", f"sampler.hard_share_as={share_as}",
+                  "sampler.curriculum=[[0,0.0],[2,0.25],[4,0.75]]", "sampler.curriculum_unit=epoch",
+                  "sampler.clips_per_video=8", batch=16, total_epochs=6)
+    for epoch, want in [(0, 0.0), (1, 0.0), (2, 0.25), (3, 0.25), (4, 0.75), (5, 0.75)]:
+        plans = [s.plan(epoch, b) for b in range(len(s))]
+        kinds = np.concatenate([p["kind"] for p in plans])
+        extra = kinds.reshape(-1, 3)[:, 1:].ravel()           # the k=2 windows after each aligned one
+        assert (kinds.reshape(-1, 3)[:, 0] == POSITIVE).all()
+        fallback = sum(p["fallback_easy"] for p in plans)      # hard that could not fit: easy
+        got = np.mean(extra == HARD)
+        if share_as == "loss_weight":
+            assert got + fallback / len(extra) == pytest.approx(1.0)
+            continue
+        print(epoch, want, got, len(extra), fallback)
+        assert set(np.unique(extra)) <= {EASY, HARD}
+        tol = 4 * np.sqrt(want * (1 - want) / len(extra)) + fallback / len(extra) + 1e-9
+        assert abs(got - want) <= tol
+        if want == 0:
+            assert got == 0
+
+
 def test_curriculum_in_fractions_and_steps():
     c = Curriculum([[0, 0.0], [0.333, 0.25]], "fraction", total_steps=300)
     assert [c.share(0, s, 100) for s in (0, 99, 100, 299)] == [0.0, 0.0, 0.25, 0.25]
@@ -122,7 +147,7 @@ def test_negatives_follow_their_rules():
 
 
 def test_inbatch_pairs_have_one_aligned_and_k_hard_windows_per_clip():
-    s, cfg = make("sampler.pairs=inbatch", "sampler.k=2")
+    s, cfg = make("sampler.pairs=inbatch", "sampler.k=2", "sampler.curriculum=[[0,1.0]]")
     p = s.plan(0, 0)
     B = len(p["clip_video"])
     assert len(p["kind"]) == 3 * B

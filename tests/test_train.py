@@ -92,6 +92,7 @@ def test_a_short_run_learns(prepared, tmp_path):
     print(losses[:5], losses[-5:], {k: r[k] for k in ("auc_easy", "auc_hard", "sync_acc_easy")})
     assert losses[-6:].mean() < 0.8 * losses[:6].mean()
     assert r["auc_easy"] > 0.6  # on its own training videos: above chance after 36 steps
+    assert r["collapse"]["first_step"] is None and not r["collapse"]["collapsed_at_end"]
     for f in ("config.yaml", "metrics.json", "checkpoints/last.pt"):
         assert (tmp_path / f).exists()
     assert list((tmp_path / "tb").glob("events.*"))
@@ -295,3 +296,49 @@ def test_two_torchrun_nodes_on_localhost_train_with_gathered_negatives(prepared,
     r = reports[0]
     assert r["world_size"] == 2 and r["negatives_from_ranks"] == 2
     assert r["steps"] == 4 and (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+
+
+def test_the_collapse_watch_fires_on_a_collapsed_run(prepared, tmp_path, monkeypatch, capsys):
+    """Towers whose outputs ignore their inputs (every clip at one point, every sound 0.5 away:
+    the margin loss's label-blind optimum, m^2/4) are reported in the console, TensorBoard and
+    metrics.json."""
+    import math
+
+    from fastavts.models.avts import AVTS
+
+    theta = 2 * math.asin(0.25)                # unit vectors 0.5 apart
+
+    def blind(self, clip, logmel):
+        z = sum(p.sum() for p in self.parameters()) * 0    # keeps the graph, zero gradients
+        v = torch.tensor([1.0, 0.0]).repeat(clip.shape[0], 1) + z
+        a = torch.tensor([math.cos(theta), math.sin(theta)]).repeat(logmel.shape[0], 1) + z
+        return v, a, v, a
+
+    monkeypatch.setattr(AVTS, "forward", blind)
+    r = train(cfg_for(prepared, "sampler.pairs=paired", "loss.kind=contrastive",
+                      "train.epochs=3", f"train.eval_data={prepared}"), tmp_path, progress=False)
+    out = capsys.readouterr().out
+    assert "collapse: the loss sits at its label-blind value" in out and "loss.margin" in out
+    c = r["collapse"]
+    assert c["collapsed_at_end"] and c["first_step"] is not None
+    assert c["blind_loss"] == pytest.approx(0.25) and c["loss"] == pytest.approx(0.25, abs=1e-4)
+    assert json.loads((tmp_path / "metrics.json").read_text())["collapse"]["collapsed_at_end"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ev = EventAccumulator(str(tmp_path / "tb"))
+    ev.Reload()
+    assert "collapse/spread" in ev.Tags()["scalars"]
+
+
+def test_the_collapse_watch_judges_by_the_numbers():
+    from fastavts.collapse import Detector
+    from fastavts.config import build_config
+
+    d = Detector(build_config(overrides=["loss.kind=contrastive", "loss.margin=1.0"]), 100)
+    assert d.collapsed(0.2501, 0.50, 0.50, 0.01, 0.25)          # at m^2/4, pairs alike
+    assert not d.collapsed(0.2501, 0.30, 0.70, 0.20, 0.25)      # separated
+    assert not d.collapsed(0.10, 0.50, 0.50, 0.01, 0.25)        # not at the blind value
+    assert not d.collapsed(float("nan"), 0.5, 0.5, 0.0, 0.25)
+    says = [d.update(s, 0.25, [0.5, 0.5, 0.0, 0.25]) for s in range(0, 30, 2)]
+    first = next(i for i, x in enumerate(says) if x)
+    assert 2 * first >= 10 and "step" in says[first]             # not before a tenth of training
+    assert "out of the collapse" in d.update(40, 0.1, [0.2, 0.9, 0.4, 0.25])

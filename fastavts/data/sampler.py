@@ -15,9 +15,11 @@ Pairs (DESIGN.md section 1):
 * paired: batch element i is (clip i, audio window i, label). round(B * positive_share)
   positives; each negative is super-hard with probability `superhard_share`, else hard with the
   curriculum's hard share at this step, else easy.
-* inbatch: clip i brings its aligned window and `k` hard windows of its own video (audio rows
-  i*(1+k) .. i*(1+k)+k); every other clip's windows are its easy negatives, formed in the loss.
-  The curriculum's hard share travels with the plan for the loss to weigh hard pairs.
+* inbatch: clip i brings its aligned window and `k` more (audio rows i*(1+k) .. i*(1+k)+k);
+  every other clip's windows are its easy negatives, formed in the loss. With
+  hard_share_as=sample (the paper's curriculum) each extra window is a hard one of its own
+  video with the curriculum's share, else a window of another video; with loss_weight all are
+  hard and the share travels with the plan for the loss to weigh the hard pairs.
 A hard window is shifted by at least `hard_min_shift` and lies inside the video and its sound;
 where the video is too short for that, an easy window (another video) takes its place and is
 counted in `plan['fallback_easy']`.
@@ -248,8 +250,12 @@ class Sampler:
                 a_owner.append(i)
                 kind.append(k)
         else:
+            # hard_share_as=sample: each extra window is hard with the curriculum's share, else
+            # a window of another video; loss_weight: all hard (the loss weighs them)
+            p_hard = share if self.cfg.hard_share_as == "sample" else 1.0
             for i in range(B):
-                wants = [POSITIVE] + [HARD] * self.cfg.k
+                wants = [POSITIVE] + [HARD if p_hard >= 1 or (p_hard > 0 and rng.random() < p_hard)
+                                      else EASY for _ in range(self.cfg.k)]
                 for want in wants:
                     vid, t, k = self._window(int(clip_video[i]), float(clip_t0[i]), want, rng)
                     fallback += k != want
