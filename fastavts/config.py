@@ -136,6 +136,11 @@ class SamplerConfig:
                     choices=("paired", "inbatch"))
     k: int = _f(1, "inbatch: hard-negative windows per clip", min=0, max=16)
     positive_share: float = _f(0.5, "paired: share of positives in a batch", min=0.0, max=1.0)
+    paired_windows: int = _f(1, "paired: audio windows per clip: 1 = every example its own "
+                             "clip (positive_share of them with their aligned window); 2 = "
+                             "every clip with its aligned window and one negative (half "
+                             "positives; each step compares a clip's own sound with a wrong "
+                             "one)", choices=(1, 2))
     hard_min_shift: float = _f(0.5, "a hard negative is shifted by at least this (s)", min=0.0)
     superhard_share: float = _f(0.0, "paired: share of negatives that are super-hard (same "
                                 "video, shifted less than hard_min_shift); 0 = off",

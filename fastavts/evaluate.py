@@ -93,7 +93,7 @@ def sync_metrics(r: dict) -> dict:
 def eval_config(cfg, clips_per_video: int = 32):
     """The training config turned into the fixed eval pairs described above."""
     c = copy.deepcopy(cfg)
-    c.sampler.pairs, c.sampler.positive_share = "paired", 0.5
+    c.sampler.pairs, c.sampler.positive_share, c.sampler.paired_windows = "paired", 0.5, 1
     c.sampler.curriculum, c.sampler.curriculum_unit = [[0.0, 0.5]], "step"
     c.sampler.superhard_share, c.sampler.clips_per_video = 0.0, clips_per_video
     return c

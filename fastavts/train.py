@@ -29,6 +29,7 @@ import torch
 from .collapse import Detector, pair_stats
 from .config import Config, ConfigError, save_config, to_yaml
 from .data.loader import make_loader
+from .data.sampler import windows_per_clip
 from .losses import (inbatch_contrastive_loss, inbatch_infonce_loss, paired_contrastive_loss,
                      sync_ce_loss)
 from .models.avts import AVTS
@@ -75,18 +76,20 @@ def compute_loss(model, cfg: Config, batch: dict, v, a, fv, fa, group=None):
     negatives (the loss is then the whole batch's; see kernels/contrastive.gather_columns)."""
     lk, sm = cfg.loss, cfg.sampler
     dev = v.device
-    if lk.kind == "ce":
-        return sync_ce_loss(model.sync_logits(fv, fa), batch["label"].to(dev))
+    if lk.kind == "ce":   # each window with its own clip (paired_windows=2: clips repeat)
+        own = batch["audio_owner"].to(dev)
+        return sync_ce_loss(model.sync_logits(fv[own], fa), batch["label"].to(dev))
     ids = (batch["clip_video"].to(dev), batch["clip_t0"].to(dev), batch["audio_video"].to(dev),
            batch["audio_t0"].to(dev))
     # every rank's windows fit this: the batch's size, times the windows per clip
-    capacity = cfg.loader.batch_size * ((1 + sm.k) if sm.pairs == "inbatch" else 1)
+    capacity = cfg.loader.batch_size * windows_per_clip(cfg)
     if lk.kind == "infonce":
         return inbatch_infonce_loss(v, a, *ids, temperature=lk.temperature,
                                     hard_min_shift=sm.hard_min_shift, sync_tol=lk.sync_tol,
                                     impl=lk.impl, group=group, gather_capacity=capacity)
     if sm.pairs == "paired":
-        return paired_contrastive_loss(v, a, batch["label"].to(dev), margin=lk.margin,
+        own = batch["audio_owner"].to(dev)
+        return paired_contrastive_loss(v[own], a, batch["label"].to(dev), margin=lk.margin,
                                        impl=lk.impl)
     # the paper's curriculum samples the hard negatives: then every negative pair weighs the
     # same (hard_share None); loss_weight weighs the hard pairs' mean by the share

@@ -170,3 +170,22 @@ def test_refuses_what_cannot_work():
         make(videos=fake_videos(n=1))
     with pytest.raises(ValueError, match="do not fill one batch"):
         make(batch=64)
+
+
+def test_paired_with_two_windows_per_clip():
+    """paired_windows=2: every clip with its aligned window and one negative, drawn by the
+    curriculum (hard with the scheduled share): half positives, pairs sharing the clip."""
+    s, cfg = make("sampler.pairs=paired", "sampler.paired_windows=2",
+                  "sampler.curriculum=[[0,0.0],[2,0.5]]", "sampler.curriculum_unit=epoch",
+                  "sampler.clips_per_video=8", batch=16, total_epochs=4)
+    for epoch, want in [(0, 0.0), (3, 0.5)]:
+        plans = [s.plan(epoch, b) for b in range(len(s))]
+        for p in plans:
+            B = len(p["clip_video"])
+            assert len(p["kind"]) == 2 * B
+            assert np.array_equal(p["audio_owner"], np.repeat(np.arange(B), 2))
+            assert (p["kind"][0::2] == POSITIVE).all() and (p["kind"][1::2] != POSITIVE).all()
+        neg = np.concatenate([p["kind"][1::2] for p in plans])
+        fallback = sum(p["fallback_easy"] for p in plans) / len(neg)
+        got = np.mean(neg == HARD)
+        assert abs(got - want) <= 4 * np.sqrt(want * (1 - want) / len(neg)) + fallback + 1e-9

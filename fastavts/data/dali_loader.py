@@ -39,6 +39,7 @@ import numpy as np
 
 from .features import AudioGeometry, audio_window, hann
 from .loader import BaseLoader, plan_meta, substitute
+from .sampler import windows_per_clip
 
 # NVDEC engines per GPU (NVIDIA Video Codec SDK support matrix); one video pipeline each.
 NVDEC_ENGINES = {"H200": 7, "H100": 7, "GH200": 7, "B200": 7, "A100": 5, "A30": 4, "L40S": 3,
@@ -141,7 +142,7 @@ def build_pipelines(loader: "DALILoader", first: int, end: int, exclude: frozens
     gpu = loader.device == "gpu"
     device_id = loader.device_id if gpu else None
     B = lc.batch_size
-    M = B * (1 + cfg.sampler.k) if cfg.sampler.pairs == "inbatch" else B
+    M = B * windows_per_clip(cfg)
     K = loader.video_pipelines
     geo = AudioGeometry(d)
     root = str(loader.root)

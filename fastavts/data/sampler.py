@@ -14,7 +14,8 @@ dropped items are counted in `dropped_per_epoch`); eval mode keeps a partial las
 Pairs (DESIGN.md section 1):
 * paired: batch element i is (clip i, audio window i, label). round(B * positive_share)
   positives; each negative is super-hard with probability `superhard_share`, else hard with the
-  curriculum's hard share at this step, else easy.
+  curriculum's hard share at this step, else easy. With paired_windows=2 each clip brings two
+  examples: its aligned window and one negative drawn the same way (M = 2B).
 * inbatch: clip i brings its aligned window and `k` more (audio rows i*(1+k) .. i*(1+k)+k);
   every other clip's windows are its easy negatives, formed in the loss. With
   hard_share_as=sample (the paper's curriculum) each extra window is a hard one of its own
@@ -234,7 +235,21 @@ class Sampler:
 
         fallback = 0
         a_video, a_t0, a_owner, kind = [], [], [], []
-        if self.cfg.pairs == "paired":
+        if self.cfg.pairs == "paired" and self.cfg.paired_windows == 2:
+            # each clip: its aligned window, then one negative drawn as below
+            u = rng.random(B)
+            roles = np.where(u < self.cfg.superhard_share, SUPERHARD,
+                             np.where(u < self.cfg.superhard_share
+                                      + (1 - self.cfg.superhard_share) * share, HARD, EASY))
+            for i in range(B):
+                for want in (POSITIVE, int(roles[i])):
+                    vid, t, k = self._window(int(clip_video[i]), float(clip_t0[i]), want, rng)
+                    fallback += k != want
+                    a_video.append(vid)
+                    a_t0.append(t)
+                    a_owner.append(i)
+                    kind.append(k)
+        elif self.cfg.pairs == "paired":
             n_pos = int(round(B * self.cfg.positive_share))
             roles = np.zeros(B, np.int64)
             neg = rng.permutation(B)[n_pos:]
@@ -367,3 +382,9 @@ def _segment_of(v: dict, frame: int) -> int:
         if s["start_frame"] <= frame < s["start_frame"] + s["num_frames"]:
             return j
     raise ValueError(f"frame {frame} is outside video {v['id']}")
+
+
+def windows_per_clip(cfg) -> int:
+    """Audio windows a batch holds per clip: M = batch x this (cfg: a Config)."""
+    sm = cfg.sampler
+    return 1 + sm.k if sm.pairs == "inbatch" else sm.paired_windows
