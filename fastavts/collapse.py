@@ -30,8 +30,8 @@ def pair_stats(model, cfg, b: dict, v, a, fv, fa, world: int = 1) -> torch.Tenso
     loss.kind=ce the sync logit margins."""
     lk = cfg.loss
     with torch.no_grad():
-        if lk.kind == "ce":
-            lg = model.sync_logits(fv.detach(), fa.detach()).float()
+        if lk.kind == "ce":   # each window with its own clip
+            lg = model.sync_logits(fv.detach()[b["audio_owner"]], fa.detach()).float()
             x = lg[:, 1] - lg[:, 0]
             blind = torch.tensor(math.log(2.0), device=x.device)
         else:
