@@ -123,6 +123,11 @@ def cmd_train(args) -> int:
 
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides, args.config = [args.config, *args.overrides], None  # no CONFIG given
+    if args.config_file:
+        if args.config:
+            raise ConfigError(f"two config files given ({args.config} and -c "
+                              f"{args.config_file}); give one")
+        args.config = args.config_file
     _split_overrides(args)
     cfg = build_config(args.config, args.overrides)
     demo = not cfg.train.data and not args.resume
@@ -352,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "videos. Ends with one JSON line of final metrics (also metrics.json).",
                        epilog=EPILOG_OVERRIDES)
     p.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="settings file (configs/)")
+    p.add_argument("-c", "--config-file", dest="config_file", metavar="CONFIG.yaml",
+                   help="the same, as an option (fastavts train -c configs/avts_paper_cpu.yaml)")
     p.add_argument("--out", help="run directory (default runs/<date-time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its "
                    "last checkpoint")

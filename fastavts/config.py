@@ -201,6 +201,9 @@ class ModelConfig:
                         "projection (0 = global pooling); at most what the video net keeps "
                         "(R(2+1)D-18/R3D-18: clip_frames / 8; MC3-18, tiny: clip_frames)", min=0)
     normalize: bool = _f(True, "L2-normalise the embeddings (distances in [0, 2])")
+    embed_bn: bool = _f(False, "end both projections in BatchNorm without affine parameters "
+                        "(embeddings centred over the batch): a tower cannot map every input "
+                        "to one point, the collapse of the paired margin loss")
 
 
 @dataclass

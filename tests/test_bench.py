@@ -136,3 +136,18 @@ def test_gpu_check_parts_run_end_to_end_as_dry_runs(tmp_path):
     rows = (tmp_path / "dali" / "results" / "data.jsonl").read_text().splitlines()
     assert {json.loads(x)["loader"] for x in rows} == {"dali", "pyav"}
     assert [json.loads(x).get("video_pipelines") for x in rows] == [1, 2, None]
+
+
+def test_ablation_table_gives_mean_spread_and_range_over_seeds():
+    import ablate
+
+    rows = [dict(variant="paper", seed=s, auc_easy=e, auc_hard=h, sync_acc_easy=0.9,
+                 sync_acc_hard=0.8, final_loss=0.7, wall_s=100.0,
+                 collapse=dict(blind_loss=1.0, collapsed_at_end=c))
+            for s, (e, h, c) in enumerate([(0.9, 0.6, False), (0.8, 0.5, False), (0.7, 0.4, True)])]
+    t = ablate.table(rows, ["paper", "easy_only"])
+    line = t.splitlines()[2]
+    assert line.startswith("| paper | 3 | 0.800 ± 0.100 (0.700-0.900) | 0.500 ± 0.100 (0.400-0.600)")
+    assert "| 1 |" in line and len(t.splitlines()) == 3      # one collapsed; no easy_only rows
+    assert set(ablate.VARIANTS) >= {"paper", "hard_from_start", "easy_only", "paired_ce",
+                                    "inbatch", "inbatch_lossweight"}

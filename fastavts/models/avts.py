@@ -17,14 +17,20 @@ from .audio import AUDIO_NETS
 from .video import VIDEO_NETS
 
 
-def projection(c_in: int, dim: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(c_in, c_in), nn.ReLU(inplace=True), nn.Linear(c_in, dim))
+def projection(c_in: int, dim: int, batchnorm: bool = False) -> nn.Module:
+    """Two-layer head to the embedding; `batchnorm` ends it in BatchNorm without affine
+    parameters, so the embeddings are centred over the batch: a tower cannot answer every
+    input with the same point (the collapse of the paired margin loss, README)."""
+    layers = [nn.Linear(c_in, c_in), nn.ReLU(inplace=True), nn.Linear(c_in, dim)]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(dim, affine=False))
+    return nn.Sequential(*layers)
 
 
 class AVTS(nn.Module):
     def __init__(self, video: str = "r2plus1d_18", audio: str = "default", dim: int = 128,
                  normalize: bool = True, classifier: bool = False, tiny_width: int = 8,
-                 time_bins: int = 0):
+                 time_bins: int = 0, embed_bn: bool = False):
         super().__init__()
         if video not in VIDEO_NETS:
             raise ValueError(f"unknown video net {video!r}; choose one of {', '.join(VIDEO_NETS)}")
@@ -35,8 +41,8 @@ class AVTS(nn.Module):
                           else VIDEO_NETS[video](time_bins=time_bins))
         self.audio_net = (AUDIO_NETS[audio](widths, time_bins=time_bins) if audio == "tiny"
                           else AUDIO_NETS[audio](time_bins=time_bins))
-        self.video_proj = projection(self.video_net.out_dim, dim)
-        self.audio_proj = projection(self.audio_net.out_dim, dim)
+        self.video_proj = projection(self.video_net.out_dim, dim, embed_bn)
+        self.audio_proj = projection(self.audio_net.out_dim, dim, embed_bn)
         self.normalize = normalize
         c = self.video_net.out_dim + self.audio_net.out_dim
         self.classifier = nn.Sequential(nn.Linear(c, 512), nn.ReLU(inplace=True),
@@ -47,7 +53,7 @@ class AVTS(nn.Module):
         """The model a resolved config describes (cfg.model; the classifier for loss.kind=ce)."""
         m = cfg.model
         model = cls(m.video, m.audio, m.dim, m.normalize, classifier=cfg.loss.kind == "ce",
-                    tiny_width=m.tiny_width, time_bins=m.time_bins)
+                    tiny_width=m.tiny_width, time_bins=m.time_bins, embed_bn=m.embed_bn)
         steps = model.video_net.time_steps(cfg.data.clip_frames)
         if m.time_bins > steps:
             from ..config import ConfigError
