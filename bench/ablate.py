@@ -10,10 +10,11 @@ videos, accuracy and ROC AUC on the other half; the same fixed pairs for every r
 sets the model's initialisation and the sampler's plans (train.seed, sampler.seed). Variants:
 
   paper               the paper's form: paired examples (each clip with its aligned window and
-                      one negative: half positives), margin loss, margin 2 on L2-normalised
-                      embeddings (margins below the distance the towers start at collapse:
-                      README), curriculum: no hard negatives for the first third, then 25 % of
-                      the sampled negatives hard, every negative pair weighing the same
+                      one negative: half positives), margin loss with margin 1 on centred
+                      (model.embed_bn), L2-normalised embeddings, both windows of a clip in the
+                      same step (configs/avts_paper_cpu.yaml; README "The paper's recipe" says
+                      why), curriculum: no hard negatives for the first third, then 25 % of the
+                      sampled negatives hard, every negative pair weighing the same
   hard_from_start     the same, 25 % hard from the first step
   easy_only           the same, no hard negatives
   paired_ce           the paper's baseline: a sync classifier with cross-entropy on the same
@@ -38,17 +39,19 @@ from pathlib import Path
 from common import HERE, Rows, context
 
 CURRICULUM = "sampler.curriculum=[[0.0,0.0],[0.333,0.25]]"
+EMBED = ["model.embed_bn=true"]
 PAPER = ["loss.kind=contrastive", "sampler.pairs=paired", "sampler.paired_windows=2",
-         "loss.margin=2.0", "sampler.hard_share_as=sample"]
+         "loss.margin=1.0", "sampler.hard_share_as=sample", *EMBED]
 VARIANTS = {
     "paper": [*PAPER, CURRICULUM],
     "hard_from_start": [*PAPER, "sampler.curriculum=[[0.0,0.25]]"],
     "easy_only": [*PAPER, "sampler.curriculum=[[0.0,0.0]]"],
-    "paired_ce": ["loss.kind=ce", "sampler.pairs=paired", "sampler.paired_windows=2", CURRICULUM],
-    "inbatch": ["loss.kind=contrastive", "sampler.pairs=inbatch", "loss.margin=2.0",
+    "paired_ce": ["loss.kind=ce", "sampler.pairs=paired", "sampler.paired_windows=2", *EMBED,
+                  CURRICULUM],
+    "inbatch": ["loss.kind=contrastive", "sampler.pairs=inbatch", "loss.margin=1.0", *EMBED,
                 "sampler.hard_share_as=sample", CURRICULUM],
-    "inbatch_lossweight": ["loss.kind=contrastive", "sampler.pairs=inbatch", "loss.margin=2.0",
-                           "sampler.hard_share_as=loss_weight", CURRICULUM],
+    "inbatch_lossweight": ["loss.kind=contrastive", "sampler.pairs=inbatch", "loss.margin=1.0",
+                           *EMBED, "sampler.hard_share_as=loss_weight", CURRICULUM],
     "infonce": ["loss.kind=infonce", "sampler.pairs=inbatch", "sampler.curriculum=[[0.0,1.0]]"],
 }
 METRICS = ("auc_easy", "auc_hard", "sync_acc_easy", "sync_acc_hard")
