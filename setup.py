@@ -32,6 +32,7 @@ setup(
         "tensorboard>=2.14,<3",        # training scalars (torch.utils.tensorboard)
         "nvidia-ml-py>=12,<14",        # GPU counters (NVML), fastavts/gpu_monitor.py
         "scikit-learn>=1.3,<2",        # linear SVM probes (fastavts probe-audio)
+        "safetensors>=0.4,<1",         # exported weights (fastavts export, from_pretrained)
     ],
     extras_require={"test": ["pytest>=8,<10", "matplotlib>=3.8,<4"],
                     "bench": ["matplotlib>=3.8,<4"]},   # bench/plot.py

@@ -1,2 +1,10 @@
 """fastavts: high-throughput self-supervised audio-visual synchronization (AVTS) training."""
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # `fastavts.AVTS` without importing torch for every `import fastavts` (the CLI's --help)
+    if name == "AVTS":
+        from .models.avts import AVTS
+        return AVTS
+    raise AttributeError(f"module 'fastavts' has no attribute {name!r}")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .config import ConfigError, build_config, describe
 from .data.audio_sets import LayoutError
+from .export import ExportError
 
 EPILOG_OVERRIDES = ("Any setting can be changed with section.key=value after the arguments, "
                     "e.g. prepare.workers=4 or data.fps=30; `fastavts info --config` lists them.")
@@ -180,6 +181,15 @@ def cmd_eval_sync(args) -> int:
     else:
         for k, v in r.items():
             print(f"{k:14s} {v}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    out = export(args.checkpoint, args.out_dir, metrics=args.metrics)
+    print(f"fastavts export: {out}/model.safetensors, config.json, README.md", file=sys.stderr)
+    print(json.dumps({"out": str(out)}))
     return 0
 
 
@@ -370,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score fixed (clip, audio) pairs of a prepared dataset: "
                        "positives, easy and hard negatives. The threshold is chosen on half of the "
                        "videos (reported) and applied to the other half.")
-    p.add_argument("checkpoint", help="a checkpoint (runs/.../checkpoints/last.pt)")
+    p.add_argument("checkpoint", help="a checkpoint (runs/.../checkpoints/last.pt) or a folder made by fastavts export")
     p.add_argument("dataset", help="a prepared dataset")
     p.add_argument("--clips-per-video", type=int, default=None,
                    help="clips per video (default: the checkpoint's train.eval_clips, 32)")
@@ -383,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "score audio shifts of -N..+N frames against several clips and report the "
                        "offset (positive: the audio lags the picture) and a confidence (median "
                        "distance minus minimum, as SyncNet).")
-    p.add_argument("checkpoint", help="a checkpoint (runs/.../checkpoints/last.pt)")
+    p.add_argument("checkpoint", help="a checkpoint (runs/.../checkpoints/last.pt) or a folder made by fastavts export")
     p.add_argument("videos", nargs="+", help="video files")
     p.add_argument("--max-shift", type=int, default=15, help="largest shift tried, in frames")
     p.add_argument("--clips", type=int, default=8, help="clips per video")
@@ -398,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "ROOT/meta/esc50.csv; 5 folds), DCASE2014 scenes (ROOT/scenes_stereo, "
                        "ROOT/scenes_stereo_testset; train/test), synth (a prepared synthetic set "
                        "with one sounding object per video; 5 folds).")
-    p.add_argument("checkpoint", help="a checkpoint (runs/.../checkpoints/last.pt)")
+    p.add_argument("checkpoint", help="a checkpoint (runs/.../checkpoints/last.pt) or a folder made by fastavts export")
     p.add_argument("--dataset", required=True, choices=["esc50", "dcase2014", "synth"])
     p.add_argument("root", help="the dataset's folder in its official layout")
     p.add_argument("--layer", default="stage4", choices=["stage1", "stage2", "stage3", "stage4",
@@ -422,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "are read from a set prepared with `fastavts prepare` (--prepared; "
                        "prepare.require_audio=false keeps the silent ones). Reports clip and "
                        "video accuracy on the split's test videos.")
-    p.add_argument("checkpoint", help="a pretraining checkpoint (runs/.../checkpoints/last.pt)")
+    p.add_argument("checkpoint", help="a pretraining checkpoint (runs/.../checkpoints/last.pt) or a folder made by fastavts export")
     p.add_argument("--dataset", required=True, choices=["ucf101", "hmdb51", "synth"])
     p.add_argument("root", help="the folder holding the official split files (synth: the "
                    "prepared set)")
@@ -439,6 +449,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("export", help="a checkpoint's model as a shareable folder (safetensors)",
+                       description="Write OUT_DIR/model.safetensors (the weights only), "
+                       "config.json (what rebuilds the model and its inputs) and README.md (a "
+                       "model card: data, held-out metrics from the run's metrics.json, the "
+                       "command that made it, how to load it). The folder is a Hugging Face "
+                       "model repository's layout; fastavts.AVTS.from_pretrained(OUT_DIR) loads "
+                       "it, and every command that takes a checkpoint takes the folder.")
+    p.add_argument("checkpoint", help="a training checkpoint (runs/.../checkpoints/last.pt)")
+    p.add_argument("out_dir", help="the folder to write (new, empty, or an earlier export)")
+    p.add_argument("--metrics", help="metrics.json for the model card (default: the run's, "
+                   "next to checkpoints/)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="versions, machine, and a prepared dataset's summary",
                        description="Print library versions and the machine; with DATASET, a "
@@ -466,7 +489,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, LayoutError) as e:
+    except (ConfigError, FileNotFoundError, LayoutError, ExportError) as e:
         print(f"fastavts {args.command}: error: {e}", file=sys.stderr)
         return 2
 

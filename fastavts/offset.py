@@ -19,17 +19,9 @@ import numpy as np
 
 
 def load_model(checkpoint: str | Path, device):
-    import torch
-    import yaml
-
-    from .config import build_config
-    from .models.avts import AVTS
-
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    cfg = build_config(None, (), extra=yaml.safe_load(state["config"]))
-    model = AVTS.from_config(cfg)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg
+    """(model in eval mode, cfg) from a training checkpoint or a `fastavts export` folder."""
+    from .export import load_model as _load
+    return _load(checkpoint, device)
 
 
 def offset_curve(model, cfg, ds, record: dict, max_shift: int, clips: int, device) -> dict:

@@ -83,8 +83,10 @@ def windows_of(wave: np.ndarray, geo, hop: int) -> np.ndarray:
 
 def _cache_key(checkpoint, scratch, layer, dataset, items, cfg) -> str:
     h = hashlib.sha1()
-    st = Path(checkpoint).stat()
-    h.update(json.dumps([str(Path(checkpoint).resolve()), st.st_size, st.st_mtime_ns, scratch,
+    from .export import weights_file
+    w = weights_file(checkpoint)       # a checkpoint file, or an export's model.safetensors
+    st = w.stat()
+    h.update(json.dumps([str(w.resolve()), st.st_size, st.st_mtime_ns, scratch,
                          layer, dataset, cfg.data.sample_rate, cfg.data.clip_frames,
                          cfg.data.frame_stride, cfg.data.fps, cfg.data.n_mels]).encode())
     for it in items:

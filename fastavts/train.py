@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -279,6 +280,17 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(states[:n])
 
 
+def _command() -> str:
+    """The command line that runs this training (for the exported model card)."""
+    import shlex
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name in ("fastavts", "__main__.py", "cli.py"):
+        argv[0] = "fastavts"
+    elif argv and argv[0].endswith(".py"):
+        argv = ["python", *argv]
+    return shlex.join(argv)
+
+
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint's contents with every tensor on the CPU: the model and optimizer copy them
     to their devices as they load, and the RNG states must stay CPU tensors."""
@@ -406,7 +418,7 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
             save_checkpoint(ckpt_dir, step, dict(
                 model=model.state_dict(), optimizer=opt.state_dict(), schedule=sched.state_dict(),
                 scaler=scaler.state_dict(), loader=loader.state_dict(), rng=rng_state(),
-                step=step, config=to_yaml(cfg)), tc.keep_last)
+                step=step, config=to_yaml(cfg), command=_command()), tc.keep_last)
 
     # --- the loop (named ranges for the profiler and Nsight when asked for)
     ranges = tc.profile or tc.nvtx

@@ -48,8 +48,38 @@ class AVTS(nn.Module):
         self.classifier = nn.Sequential(nn.Linear(c, 512), nn.ReLU(inplace=True),
                                         nn.Linear(512, 2)) if classifier else None
 
+    TOWERS = {"video": ("video_net", "video_proj"), "audio": ("audio_net", "audio_proj")}
+
+    def keep_towers(self, towers=("video", "audio")) -> "AVTS":
+        """Drop the towers not named (and the classifier, which needs both): an audio tower
+        alone for sound classification, a video tower alone for action recognition."""
+        towers = tuple(towers)
+        bad = [t for t in towers if t not in self.TOWERS]
+        if bad or not towers:
+            raise ValueError(f"towers={towers!r}: name one or both of 'video', 'audio'")
+        for name, parts in self.TOWERS.items():
+            if name not in towers:
+                for part in parts:
+                    setattr(self, part, None)
+        if len(towers) < 2:
+            self.classifier = None
+        return self
+
+    def parts(self) -> set[str]:
+        """Names of the submodules this model has (state-dict key prefixes)."""
+        return {name for name, m in self.named_children() if m is not None}
+
     @classmethod
-    def from_config(cls, cfg) -> "AVTS":
+    def from_pretrained(cls, path, towers=("video", "audio"), device="cpu") -> "AVTS":
+        """A model exported by `fastavts export` (or a training checkpoint), in eval mode, its
+        config at `.config`. `towers=("audio",)` builds and loads the audio tower alone."""
+        from ..export import load_model
+        model, cfg = load_model(path, device=device, towers=towers)
+        model.config = cfg
+        return model
+
+    @classmethod
+    def from_config(cls, cfg, towers=("video", "audio")) -> "AVTS":
         """The model a resolved config describes (cfg.model; the classifier for loss.kind=ce)."""
         m = cfg.model
         model = cls(m.video, m.audio, m.dim, m.normalize, classifier=cfg.loss.kind == "ce",
@@ -62,14 +92,21 @@ class AVTS(nn.Module):
                 f"{cfg.data.clip_frames}-frame clip (it strides in time), so at most {steps} "
                 f"bins can differ; use model.time_bins<={steps}, more data.clip_frames, or a "
                 f"net that keeps every frame (mc3_18, tiny)")
-        return model
+        return model.keep_towers(towers)
+
+    def _need(self, tower: str):
+        if getattr(self, self.TOWERS[tower][0]) is None:
+            raise RuntimeError(f"this model was loaded without its {tower} tower; load it with "
+                               f"towers=(..., {tower!r})")
 
     def embed_video(self, clip):
+        self._need("video")
         f = self.video_net(clip)
         v = self.video_proj(f)
         return (F.normalize(v.float(), dim=1) if self.normalize else v), f
 
     def embed_audio(self, logmel):
+        self._need("audio")
         f = self.audio_net(logmel)
         a = self.audio_proj(f)
         return (F.normalize(a.float(), dim=1) if self.normalize else a), f
