@@ -255,6 +255,11 @@ class TrainConfig:
                             "update is skipped on every rank; counted on the device, checked "
                             "every log_every steps)", min=1)
     seed: int = _f(0, "seed of model init and torch RNGs", min=0)
+    loggers: list = _f(["tensorboard"], "where scalars go: tensorboard (<run>/tb), wandb "
+                       "(Weights & Biases: pip install wandb; WANDB_MODE=offline works "
+                       "without a network); [] = metrics.json only")
+    wandb_project: str = _f("fastavts", "wandb: the project runs are logged to")
+    wandb_entity: str = _f("", "wandb: team or user; empty = wandb's default")
     profile: bool = _f(False, "write a torch.profiler trace of a few steps to <run>/profile "
                        "(TensorBoard / Perfetto), with named ranges for data, forward, loss, "
                        "backward and optimizer")
@@ -392,6 +397,9 @@ def _explain_omegaconf(e: OmegaConfBaseException, where: str) -> str:
     return f"{where}: bad value {value!r} for '{key}'.{expected}"
 
 
+LOGGERS = ("tensorboard", "wandb")
+
+
 def validate(cfg: Config) -> None:
     """Choices, ranges and combinations that cannot work together."""
     for section in dataclasses.fields(cfg):
@@ -476,6 +484,16 @@ def validate(cfg: Config) -> None:
     if cfg.loss.kind == "ce" and sm.pairs != "paired":
         raise ConfigError("loss.kind=ce scores (clip, audio) pairs one by one: it needs "
                           "sampler.pairs=paired; use contrastive or infonce with inbatch.")
+    loggers = list(cfg.train.loggers)
+    if not all(isinstance(x, str) and x in LOGGERS for x in loggers) or len(set(loggers)) < len(loggers):
+        raise ConfigError(f"train.loggers={loggers}: give a list of distinct names from "
+                          f"{', '.join(LOGGERS)} (e.g. train.loggers=[tensorboard,wandb]).")
+    if "wandb" in loggers:
+        import importlib.util
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("train.loggers includes wandb but wandb is not installed: "
+                              "pip install wandb (or pip install 'fastavts[wandb]'), or drop "
+                              "wandb from train.loggers.")
     ps = cfg.train.profile_steps
     if len(ps) != 3 or not all(isinstance(x, int) and x >= 0 for x in ps) or ps[2] < 1:
         raise ConfigError(f"train.profile_steps must be [wait, warmup, active] whole numbers "

@@ -336,25 +336,48 @@ class _SyncCheck:
 
 
 class Metrics:
-    """TensorBoard scalars where tensorboard imports; silent otherwise (said once)."""
+    """Scalars to the loggers of train.loggers: TensorBoard (<run>/tb) and Weights & Biases
+    (the resolved config with them; a resumed run continues the same wandb run, its id kept
+    in <run>/wandb_id). Only the main process logs."""
 
-    def __init__(self, out: Path, enabled: bool):
-        self.tb = None
-        if enabled:
+    def __init__(self, out: Path, enabled: bool, cfg: Config | None = None, resume: bool = False):
+        self.tb = self.wandb = None
+        loggers = list(cfg.train.loggers) if cfg is not None else ["tensorboard"]
+        if not enabled:
+            return
+        if "tensorboard" in loggers:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(out / "tb"))
             except ImportError:
-                print("fastavts train: tensorboard is not installed; no TensorBoard logs")
+                print("fastavts train: tensorboard is not installed; no TensorBoard logs "
+                      "(pip install tensorboard)")
+        if "wandb" in loggers:
+            import wandb
+            from omegaconf import OmegaConf
+            id_file = out / "wandb_id"
+            run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
+            tc = cfg.train
+            self.wandb = wandb.init(
+                project=tc.wandb_project, entity=tc.wandb_entity or None, dir=str(out),
+                name=out.name, id=run_id, resume="allow" if run_id else None,
+                config=OmegaConf.to_container(OmegaConf.structured(cfg)))
+            id_file.write_text(self.wandb.id + "\n")
 
     def scalars(self, step: int, values: dict) -> None:
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log({k: float(v) for k, v in values.items()}, step=step)
 
     def close(self):
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,7 +470,7 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
     if tc.gpu_counters and is_main and cuda:
         from .gpu_monitor import GpuMonitor
         monitor = GpuMonitor().start()
-    metrics = Metrics(out, is_main)
+    metrics = Metrics(out, is_main, cfg, resume)
     sync_check = _SyncCheck(tc.sync_check, cuda)
     detector = Detector(cfg, total)
     history: list[float] = []
