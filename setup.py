@@ -34,7 +34,8 @@ setup(
         "scikit-learn>=1.3,<2",        # linear SVM probes (fastavts probe-audio)
         "safetensors>=0.4,<1",         # exported weights (fastavts export, from_pretrained)
     ],
-    extras_require={"test": ["pytest>=8,<10", "matplotlib>=3.8,<4", "wandb>=0.16,<1"],
+    extras_require={"test": ["pytest>=8,<10", "matplotlib>=3.8,<4", "wandb>=0.16,<1",
+                             "ruff>=0.17,<0.18"],  # .ci/run lints with ruff.toml
                     "bench": ["matplotlib>=3.8,<4"],    # bench/plot.py
                     "wandb": ["wandb>=0.16,<1"]},       # train.loggers=[tensorboard,wandb]
     entry_points={"console_scripts": ["fastavts=fastavts.cli:main"]},

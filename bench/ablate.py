@@ -66,7 +66,7 @@ def table(rows: list[dict], variants: list[str]) -> str:
         if not rs:
             continue
 
-        def cell(k, pct=False):
+        def cell(k, pct=False, rs=rs):
             xs = [r[k] for r in rs]
             f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.3f}")
             sd = statistics.stdev(xs) if len(xs) > 1 else 0.0

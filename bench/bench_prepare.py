@@ -48,7 +48,7 @@ def main() -> int:
     rows = []
     for codec in args.codec[:1] if args.once else args.codec:
         walls, audio_h = [], None
-        for rep in range(1 if args.once else args.repeats):
+        for _ in range(1 if args.once else args.repeats):
             out = Path(tempfile.mkdtemp(prefix="fastavts_bench_out_"))
             cfg = build_config(overrides=[f"prepare.codec={codec}",
                                           f"prepare.workers={args.workers}"])

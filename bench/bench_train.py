@@ -35,10 +35,10 @@ GPU_MODEL = ["model.video=r2plus1d_18", "model.audio=default", "data.clip_frames
 
 
 def prepared_set(cache: str, videos: int, codec: str) -> Path:
-    from common import synthetic_input
-
     from fastavts.config import build_config
     from fastavts.data.prepare import prepare
+
+    from common import synthetic_input
 
     src = synthetic_input(cache, videos, 10.0, codec)
     out = Path(cache) / f"prepared_{codec}_{videos}x10s"

@@ -169,8 +169,9 @@ def cmd_eval_sync(args) -> int:
     model, cfg = load_model(args.checkpoint, device)
     if args.overrides:
         _split_overrides(args)
-        from .config import to_yaml
         import yaml
+
+        from .config import to_yaml
         cfg = build_config(None, args.overrides, extra=yaml.safe_load(to_yaml(cfg)))
     if cfg.loader.device == "gpu" and not torch.cuda.is_available():
         cfg.loader.device = "cpu"
@@ -271,8 +272,9 @@ def cmd_info(args) -> int:
         return 0
     report = {"versions": _versions(), "machine": machine_info()}
     if args.dataset:
-        from .data.dataset import Dataset
         from collections import Counter
+
+        from .data.dataset import Dataset
 
         ds = Dataset.open(args.dataset)
         labels = Counter(v.get("label") for v in ds.videos)

@@ -18,11 +18,12 @@ import dataclasses
 import difflib
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -30,8 +31,8 @@ class ConfigError(ValueError):
     """A config value or combination of values that fastavts refuses (message says which)."""
 
 
-def _f(default, help: str, choices: Optional[Sequence] = None, min: Optional[float] = None,
-       max: Optional[float] = None):
+def _f(default, help: str, choices: Sequence | None = None, min: float | None = None,
+       max: float | None = None):
     """A dataclass field carrying its help text and its allowed values."""
     meta = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max}
     if isinstance(default, list):
@@ -356,8 +357,8 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return tree
 
 
-def build_config(yaml_path: Optional[str | os.PathLike] = None,
-                 overrides: Sequence[str] = (), extra: Optional[dict] = None,
+def build_config(yaml_path: str | os.PathLike | None = None,
+                 overrides: Sequence[str] = (), extra: dict | None = None,
                  base: Sequence[str] = ()) -> Config:
     """Defaults <- `base` (a preset, as overrides) <- YAML file <- `extra` (command-line
     flags) <- key=value overrides."""

@@ -229,9 +229,10 @@ def load_exported(path: str | os.PathLike, towers=("video", "audio"), device="cp
 
 def load_model(path: str | os.PathLike, device="cpu", towers=("video", "audio")):
     """(model in eval mode, cfg) from a training checkpoint or an exported folder."""
+    import yaml
+
     from .config import build_config
     from .models.avts import AVTS
-    import yaml
 
     if is_exported(path):
         return load_exported(path, towers, device)

@@ -103,7 +103,7 @@ class GpuMonitor:
             if self.sample() is None:
                 break
 
-    def start(self) -> "GpuMonitor":
+    def start(self) -> GpuMonitor:
         if self.active and self._thread is None:
             self._thread = threading.Thread(target=self._run, name="fastavts-nvml", daemon=True)
             self._thread.start()

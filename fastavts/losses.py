@@ -17,13 +17,19 @@ infonce: for each clip with a positive window, -log softmax over its row of -d^2
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
-from .kernels.contrastive import (EASY, HARD, IGNORED, POS, contrastive_terms,  # noqa: F401
-                                 inbatch_contrastive_loss, pair_kinds, paired_contrastive_loss)
-from .kernels.infonce import (inbatch_infonce_loss, infonce_rows_reference,  # noqa: F401
-                              loss_from_rows)
+from .kernels.contrastive import (  # noqa: F401
+    EASY,
+    HARD,
+    IGNORED,
+    POS,
+    contrastive_terms,
+    inbatch_contrastive_loss,
+    pair_kinds,
+    paired_contrastive_loss,
+)
+from .kernels.infonce import inbatch_infonce_loss, infonce_rows_reference, loss_from_rows  # noqa: F401
 
 
 def infonce_loss(v, a, kinds, temperature: float = 0.1):

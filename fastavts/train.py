@@ -31,10 +31,13 @@ from .collapse import Detector, pair_stats
 from .config import Config, ConfigError, save_config, to_yaml
 from .data.loader import make_loader
 from .data.sampler import windows_per_clip
-from .losses import (inbatch_contrastive_loss, inbatch_infonce_loss, paired_contrastive_loss,
-                     sync_ce_loss)
+from .losses import (
+    inbatch_contrastive_loss,
+    inbatch_infonce_loss,
+    paired_contrastive_loss,
+    sync_ce_loss,
+)
 from .models.avts import AVTS
-
 
 # --------------------------------------------------------------------------------------------
 # pieces
@@ -197,7 +200,7 @@ class TrainStep:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
         self.range = lambda name: nullcontext()
-        z = lambda: torch.zeros((), dtype=torch.float32, device=device)  # noqa: E731
+        z = lambda: torch.zeros((), dtype=torch.float32, device=device)
         self.bad_total, self.bad_run, self.bad_run_max = z(), z(), z()
         self.stats = torch.zeros(4, device=device)   # collapse.pair_stats of the last step
         # negatives from every rank (loss.gather_negatives): the default process group

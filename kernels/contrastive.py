@@ -551,7 +551,7 @@ def _inbatch_sums(v, a, cv, ct, av, at, margin, hard_min_shift, sync_tol, split=
     per = triton.cdiv(M, split)
     out = torch.zeros((split, B, 6), dtype=torch.float32, device=v.device)
     prec, _ = _precisions(v.dtype)
-    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), split)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), split)
     _inbatch_fwd_kernel[grid](v, a, vn, an, cv, ct, av, at, _lims(sync_tol, hard_min_shift,
                               v.device), out, B, M, D, per, v.stride(0), v.stride(1),
                               a.stride(0), a.stride(1), float(margin), PRECISION=prec)
@@ -567,7 +567,7 @@ def _inbatch_grad(x, y, xn, yn, xv, xt, yv, yt, coef, margin, hard_min_shift, sy
     per = triton.cdiv(M, split)
     dx = torch.empty((split, B, D), dtype=torch.float32, device=x.device)
     prec, gprec = _precisions(x.dtype)
-    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(D, meta["BLOCK_DO"]),  # noqa
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(D, meta["BLOCK_DO"]),
                          split)
     _inbatch_bwd_kernel[grid](x, y, xn, yn, xv, xt, yv, yt, _lims(sync_tol, hard_min_shift,
                               x.device), coef, dx, B, M, D, per, x.stride(0), x.stride(1),

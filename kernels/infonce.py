@@ -42,9 +42,22 @@ from __future__ import annotations
 
 import torch
 
-from .contrastive import (EASY, HARD, IGNORED, INTERPRET, POS, _check_shapes, _choose_split,  # noqa: F401
-                          _lims, _prep_ids, _prep_times, _use_triton, gather_columns, pair_kinds,
-                          world_scale)
+from .contrastive import (  # noqa: F401
+    EASY,
+    HARD,
+    IGNORED,
+    INTERPRET,
+    POS,
+    _check_shapes,
+    _choose_split,
+    _lims,
+    _prep_ids,
+    _prep_times,
+    _use_triton,
+    gather_columns,
+    pair_kinds,
+    world_scale,
+)
 
 try:
     import triton
@@ -225,7 +238,7 @@ def _rows_fwd(v, a, cv, ct, av, at, temperature, hard_min_shift, sync_tol, split
     per = triton.cdiv(M, split)
     out = torch.empty((split, B, 3), dtype=torch.float32, device=v.device)
     prec, _ = _precisions(v.dtype)
-    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), split)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), split)
     _infonce_fwd_kernel[grid](v, a, vn, an, cv, ct, av, at, _lims(sync_tol, hard_min_shift,
                               v.device), out, B, M, D, per, v.stride(0), v.stride(1),
                               a.stride(0), a.stride(1), 1.0 / float(temperature), PRECISION=prec)
@@ -242,7 +255,7 @@ def _grad(x, y, xv, xt, yv, yt, stats, temperature, hard_min_shift, sync_tol, on
     per = triton.cdiv(M, split)
     dx = torch.empty((split, B, D), dtype=torch.float32, device=x.device)
     prec, gprec = _precisions(x.dtype)
-    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(D, meta["BLOCK_DO"]),  # noqa
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(D, meta["BLOCK_DO"]),
                          split)
     _infonce_bwd_kernel[grid](x, y, xn, yn, xv, xt, yv, yt, _lims(sync_tol, hard_min_shift,
                               x.device), stats, dx, B, M, D, per, x.stride(0), x.stride(1),

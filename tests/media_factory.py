@@ -6,9 +6,9 @@ variable frame timing, in many codec/container combinations.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Optional, Sequence
 
 import av
 import numpy as np
@@ -16,8 +16,8 @@ import numpy as np
 FLASH_TIMES = (0.4, 1.2, 2.2)
 
 
-def make_media(path: Path, *, vcodec: Optional[str] = "libx264", acodec: Optional[str] = "aac",
-               fmt: Optional[str] = None, fps: float = 25, duration: float = 3.0,
+def make_media(path: Path, *, vcodec: str | None = "libx264", acodec: str | None = "aac",
+               fmt: str | None = None, fps: float = 25, duration: float = 3.0,
                size=(96, 64), pix_fmt: str = "yuv420p", rate: int = 44100, channels: int = 1,
                audio_delay: float = 0.0, flashes: Sequence[float] = FLASH_TIMES,
                vfr: bool = False, silent: bool = False, video_options=None,

@@ -43,6 +43,7 @@ def test_bench_model_writes_rows_with_a_flop_count(tmp_path):
     # forward+backward FLOPs of the tiny net: about 3x the forward's conv FLOPs, counted
     # independently from the layer shapes
     import torch
+
     from fastavts.models.video import VIDEO_NETS
     net = VIDEO_NETS["tiny"](time_bins=4)
     x = torch.randn(2, 3, 8, 32, 32)

@@ -2,9 +2,8 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-import yaml
 
-from fastavts.config import Config, ConfigError, build_config, save_config, load_yaml
+from fastavts.config import Config, ConfigError, build_config, load_yaml, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,6 @@
 BatchNorm runs on its running statistics here (per-rank batch statistics are not the combined
 batch's; SyncBatchNorm needs a GPU), and each rank's half holds as many positives and
 negatives as the other, so that the mean of the ranks' losses is the combined batch's loss."""
-import os
 
 import torch
 import torch.distributed as dist

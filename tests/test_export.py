@@ -9,8 +9,8 @@ import yaml
 
 import fastavts
 from fastavts.cli import main as cli
-from fastavts.export import export
 from fastavts.config import build_config, to_yaml
+from fastavts.export import export
 from fastavts.models.avts import AVTS
 
 from conftest import TINY

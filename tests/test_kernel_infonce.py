@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
+from test_kernel_contrastive import ATOL, ATOL_LOSS, DEVICE, DTYPES, _inbatch, _run, tf32_model  # noqa: F401
 
 from fastavts.kernels import infonce as I
 from fastavts.kernels.contrastive import IGNORED, POS, pair_kinds
-from test_kernel_contrastive import (ATOL, ATOL_LOSS, DEVICE, DTYPES, _inbatch, _run,  # noqa: F401
-                                     tf32_model)
 
 
 def rounding_terms(v, a, cv, ct, av, at, temperature, hard_min_shift, sync_tol):

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from av_events import floor_contacts
 from fastavts.config import build_config
 from fastavts.data import Dataset
 from fastavts.data.loader import make_loader
 from fastavts.data.prepare import prepare
 from fastavts.data.sampler import HARD, POSITIVE
 from fastavts.data.synth import synthesize
+
+from av_events import floor_contacts
 
 BASE = ["loader.device=cpu", "loader.workers=0", "loader.batch_size=6",
         "sampler.clips_per_video=2", "prepare.codec=vp9", "prepare.workers=2",

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from conftest import small_cfg
 from fastavts.config import ConfigError
 from fastavts.train import train
+
+from conftest import small_cfg
 from test_train import FAST
 
 

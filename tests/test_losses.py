@@ -4,8 +4,16 @@ import math
 import pytest
 import torch
 
-from fastavts.losses import (EASY, HARD, IGNORED, POS, inbatch_contrastive_loss, infonce_loss,
-                             pair_kinds, paired_contrastive_loss)
+from fastavts.losses import (
+    EASY,
+    HARD,
+    IGNORED,
+    POS,
+    inbatch_contrastive_loss,
+    infonce_loss,
+    pair_kinds,
+    paired_contrastive_loss,
+)
 
 
 def test_paired_contrastive_by_hand():

@@ -1,6 +1,5 @@
 """`prepare`: every input accounted for, broken inputs reported, streams aligned, resumable."""
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -12,10 +11,11 @@ import av
 import numpy as np
 import pytest
 
-from conftest import small_cfg
 from fastavts.data.dataset import Dataset
 from fastavts.data.manifest import read_jsonl
 from fastavts.data.prepare import prepare
+
+from conftest import small_cfg
 from media_factory import FLASH_TIMES, click_times, flash_frames, make_media
 
 
@@ -127,7 +127,7 @@ def test_prepared_files_are_constant_rate_short_gop_and_resized(zoo_prepared):
             s = c.streams.video[0]
             assert s.codec_context.name == "vp9"
             keys, pts = [], []
-            for i, p in enumerate(c.demux(s)):
+            for p in c.demux(s):
                 if p.size:
                     keys.append(p.is_keyframe)
                     pts.append(p.pts * p.time_base)

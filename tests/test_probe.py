@@ -2,8 +2,8 @@
 generated here, named and listed exactly as the released sets), on a prepared synthetic set,
 and the clear errors for malformed layouts."""
 import csv
-import shutil
 import json
+import shutil
 import wave
 
 import numpy as np
@@ -192,10 +192,11 @@ def test_malformed_layouts_name_the_file(esc50, dcase, checkpoint, tmp_path, cap
 def test_synth_task_folds_follow_ids_not_manifest_order(tmp_path, checkpoint, capsys):
     """The synthetic downstream task: kinds as labels, folds and splits by id order, so a
     manifest written in another order (prepare's workers finish as they may) gives the same."""
-    from conftest import small_cfg
     from fastavts.data.action_sets import read_split
     from fastavts.data.prepare import prepare
     from fastavts.data.synth import synthesize
+
+    from conftest import small_cfg
 
     cfg = small_cfg("synth.videos=10", "synth.seed=11", "synth.min_objects=1",
                     "synth.max_objects=1", "prepare.codec=vp9", "prepare.short_side=52")

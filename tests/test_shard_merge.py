@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import small_cfg
 from fastavts.data import Dataset
 from fastavts.data.merge import merge
 from fastavts.data.prepare import assign_ids, prepare, shard_of
+
+from conftest import small_cfg
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,11 @@ import av
 import numpy as np
 import pytest
 
-from av_events import decode_all, floor_contacts, sound_onsets
-from conftest import small_cfg
 from fastavts.config import build_config
 from fastavts.data.synth import KINDS, synthesize
+
+from av_events import decode_all, floor_contacts, sound_onsets
+from conftest import small_cfg
 
 
 def digest(folder: Path) -> dict:

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import small_cfg
 from fastavts.train import train
+
+from conftest import small_cfg
 
 FAST = ["data.crop=48", "data.clip_frames=8", "data.frame_stride=4", "model.video=tiny",
         "model.audio=tiny", "loader.batch_size=4", "loader.workers=0", "loader.device=cpu",

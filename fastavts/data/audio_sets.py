@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 class LayoutError(ValueError):
     """A dataset folder that is not in the official layout (the message names the file)."""
 

@@ -33,7 +33,7 @@ stop with a message that says what to do; they are not blamed on the data.
 from __future__ import annotations
 
 import os
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -134,7 +134,7 @@ class AudioSource(_Source):
         return wins, [self.key_of(plan)] * len(wins)
 
 
-def build_pipelines(loader: "DALILoader", first: int, end: int, exclude: frozenset):
+def build_pipelines(loader: DALILoader, first: int, end: int, exclude: frozenset):
     """(video pipelines, audio pipeline) making flat batches [first, end) of the run."""
     from nvidia.dali import fn, pipeline_def, types
 
@@ -239,7 +239,7 @@ def explain(kind: str, err: BaseException, device: str) -> LoaderError:
 class DALILoader(BaseLoader):
     kind = "dali"
 
-    def __init__(self, cfg, root, *, device: Optional[str] = None, **kw):
+    def __init__(self, cfg, root, *, device: str | None = None, **kw):
         super().__init__(cfg, root, **kw)
         want = device or cfg.loader.device
         if want == "auto":
@@ -317,7 +317,7 @@ class DALILoader(BaseLoader):
                                        f"batch {b} of epoch {epoch} on") from None
                 self._start(epoch, b)
                 continue
-            except Exception as e:  # noqa: BLE001 -- sorted below; only decode errors go on
+            except Exception as e:
                 kind = classify_error(e)
                 if kind != "decode":
                     self._stop()

@@ -11,8 +11,8 @@ debugging use it; the DALI pipeline decodes the same files on the GPU.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -33,7 +33,7 @@ class Dataset:
         self.sample_rate = self.bank.sample_rate if self.bank else None
 
     @classmethod
-    def open(cls, root: str | os.PathLike) -> "Dataset":
+    def open(cls, root: str | os.PathLike) -> Dataset:
         root = Path(root)
         if not (root / MANIFEST).is_file():
             raise FileNotFoundError(f"'{root}' is not a prepared dataset (no {MANIFEST}); "

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -91,7 +91,7 @@ class BaseLoader(ABC):
 
     def __init__(self, cfg: Config, root: str | Path, *, mode: str = "train", rank: int = 0,
                  world_size: int = 1, total_epochs: int = 1,
-                 videos: Optional[Sequence[str]] = None):
+                 videos: Sequence[str] | None = None):
         self.cfg, self.root, self.mode = cfg, Path(root), mode
         self.total_epochs = total_epochs
         self.dataset = Dataset.open(root)
@@ -148,7 +148,7 @@ class BaseLoader(ABC):
     def _batches(self, epoch: int, start: int) -> Iterator[dict]:
         """Decoded batches of `epoch` from batch `start` on (each loader its own way)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (loaders without workers have nothing to release)
         """Release worker processes and pipelines; a later epoch() starts them again."""
 
     def __del__(self):
@@ -180,9 +180,9 @@ def dist_rank_world() -> tuple[int, int]:
 
 
 def make_loader(cfg: Config, root: str | Path, *, mode: str = "train",
-                rank: Optional[int] = None, world_size: Optional[int] = None,
-                total_epochs: int = 1, device: Optional[str] = None,
-                videos: Optional[Sequence[str]] = None):
+                rank: int | None = None, world_size: int | None = None,
+                total_epochs: int = 1, device: str | None = None,
+                videos: Sequence[str] | None = None):
     """The loader named by cfg.loader.kind, for this rank's shard (one per rank: under
     torchrun each process makes its own, and DALI runs on the GPU of LOCAL_RANK). `videos`:
     only these video ids of the set (default all)."""

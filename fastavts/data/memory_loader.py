@@ -16,7 +16,7 @@ other clips of their batch and counted, and it is not tried again.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

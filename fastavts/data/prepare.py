@@ -29,12 +29,12 @@ import shutil
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -107,7 +107,7 @@ def _slug(rel: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", stem.replace("/", "__")).strip("._") or "video"
 
 
-def _sidecar(path: Path) -> Optional[dict]:
+def _sidecar(path: Path) -> dict | None:
     side = path.with_suffix(".json")
     if not side.is_file():
         return None
@@ -162,7 +162,7 @@ def list_inputs(src: Path, cfg: Config, out: Path) -> tuple[list[dict], list[str
     return inputs, ignored
 
 
-def _trim_meta(meta: Optional[dict]) -> Optional[dict]:
+def _trim_meta(meta: dict | None) -> dict | None:
     if meta is None:
         return None
     return {k: v for k, v in meta.items() if k not in ("id", "file", "label")}
@@ -344,7 +344,7 @@ class _CfrWriter:
             self._emit()
         self.prev, self.prev_conv = (f, t), None
 
-    def finish(self, last_duration: Optional[float]) -> float:
+    def finish(self, last_duration: float | None) -> float:
         """Write the last frame for its duration; returns the source video's duration."""
         if self.prev is None:
             return 0.0
@@ -743,7 +743,7 @@ def _check_workers_start() -> None:
 
 def prepare(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, progress: bool = True,
             retry_rejected: bool = False, command: str = "",
-            shard: Optional[tuple[int, int]] = None) -> dict:
+            shard: tuple[int, int] | None = None) -> dict:
     """Prepare SRC into OUT (see the module docstring). Returns the summary dict.
 
     `shard=(K, N)`: only the K-th of N shares of the inputs (shard_of: a hash of each input's
@@ -769,7 +769,7 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, progres
         lock.close()
 
 
-def _check_shard(out: Path, info: Optional[dict]) -> None:
+def _check_shard(out: Path, info: dict | None) -> None:
     """A rerun into OUT must be the same share of the same inputs (or unsharded both times)."""
     path = out / SHARD
     had = json.loads(path.read_text()) if path.exists() else None
@@ -802,7 +802,7 @@ def _lock(out: Path):
 
 def _prepare_locked(src: Path, out: Path, cfg: Config, inputs: list, ignored: list,
                     progress: bool, retry_rejected: bool, command: str,
-                    shard_info: Optional[dict] = None) -> dict:
+                    shard_info: dict | None = None) -> dict:
     from tqdm import tqdm
 
     _check_frozen(out, cfg)

@@ -3,8 +3,8 @@ compute the log-mel in PyTorch (features.py). It is the comparison row of the be
 the debugging path; it produces the same batches as the DALI loader from the same plans."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import nullcontext
-from typing import Iterator
 
 import numpy as np
 
@@ -16,7 +16,7 @@ class _PlannedBatches:
     """torch Dataset over the rest of training: item i is batch `start + i` counted from the
     first batch of `epoch0`, so one DataLoader (and its workers) serves every epoch."""
 
-    def __init__(self, loader: "PyAVLoader", epoch0: int, start: int, epochs: int):
+    def __init__(self, loader: PyAVLoader, epoch0: int, start: int, epochs: int):
         self.root, self.cfg = loader.root, loader.cfg
         self.sampler, self.epoch0, self.start, self.epochs = loader.sampler, epoch0, start, epochs
         self._ds = None

@@ -34,8 +34,8 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -51,7 +51,7 @@ class Curriculum:
     steps, or fractions of training (unit 'fraction' needs the total number of steps)."""
 
     def __init__(self, pieces: Sequence[Sequence[float]], unit: str,
-                 total_steps: Optional[int] = None):
+                 total_steps: int | None = None):
         self.pieces = sorted((float(a), float(s)) for a, s in pieces)
         self.unit, self.total_steps = unit, total_steps
         if unit == "fraction" and not total_steps:
@@ -71,7 +71,7 @@ class Curriculum:
 class Sampler:
     def __init__(self, videos: list[dict], data: DataConfig, cfg: SamplerConfig,
                  batch_size: int, *, mode: str = "train", rank: int = 0, world_size: int = 1,
-                 total_epochs: int = 1, frame_size: Optional[tuple[int, int]] = None):
+                 total_epochs: int = 1, frame_size: tuple[int, int] | None = None):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         if not 0 <= rank < world_size:
@@ -121,7 +121,7 @@ class Sampler:
     # ---------------------------------------------------------------------------------------
     # per-video geometry
 
-    def _clip_ranges(self, v: dict) -> Optional[list[tuple[int, int, bool]]]:
+    def _clip_ranges(self, v: dict) -> list[tuple[int, int, bool]] | None:
         """Inclusive ranges [lo, hi] of clip start frames whose frames stay in one segment,
         each flagged whether its audio window also lies inside the recorded sound."""
         fps = v["fps"]
@@ -296,7 +296,7 @@ class Sampler:
             j = int(rng.integers(0, sizes.sum()))
         else:  # evenly spaced over the valid starts, centred
             j = int((clip + 0.5) * sizes.sum() / self.cfg.clips_per_video)
-        for (lo, hi, _), n in zip(ranges, sizes):
+        for (lo, _hi, _), n in zip(ranges, sizes):
             if j < n:
                 return lo + j
             j -= n

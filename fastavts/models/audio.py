@@ -7,7 +7,7 @@ over half of a CPU training step of the demo, and 20 ms steps still resolve a 40
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 

@@ -50,7 +50,7 @@ class AVTS(nn.Module):
 
     TOWERS = {"video": ("video_net", "video_proj"), "audio": ("audio_net", "audio_proj")}
 
-    def keep_towers(self, towers=("video", "audio")) -> "AVTS":
+    def keep_towers(self, towers=("video", "audio")) -> AVTS:
         """Drop the towers not named (and the classifier, which needs both): an audio tower
         alone for sound classification, a video tower alone for action recognition."""
         towers = tuple(towers)
@@ -70,7 +70,7 @@ class AVTS(nn.Module):
         return {name for name, m in self.named_children() if m is not None}
 
     @classmethod
-    def from_pretrained(cls, path, towers=("video", "audio"), device="cpu") -> "AVTS":
+    def from_pretrained(cls, path, towers=("video", "audio"), device="cpu") -> AVTS:
         """A model exported by `fastavts export` (or a training checkpoint), in eval mode, its
         config at `.config`. `towers=("audio",)` builds and loads the audio tower alone."""
         from ..export import load_model
@@ -79,7 +79,7 @@ class AVTS(nn.Module):
         return model
 
     @classmethod
-    def from_config(cls, cfg, towers=("video", "audio")) -> "AVTS":
+    def from_config(cls, cfg, towers=("video", "audio")) -> AVTS:
         """The model a resolved config describes (cfg.model; the classifier for loss.kind=ce)."""
         m = cfg.model
         model = cls(m.video, m.audio, m.dim, m.normalize, classifier=cfg.loss.kind == "ce",

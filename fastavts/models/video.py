@@ -10,9 +10,8 @@ Input (B, 3, T, H, W); output features (B, 512) (tiny: (B, widths[-1])).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 
