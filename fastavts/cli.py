@@ -137,9 +137,10 @@ def cmd_train(args) -> int:
         cfg = build_config(args.config, args.overrides, base=preset(torch.cuda.is_available()))
     out = Path(args.out or cfg.train.out or f"runs/{'demo-' if demo else ''}{time.strftime('%Y%m%d-%H%M%S')}")
     if args.resume:
-        if not (out / "checkpoints" / "last.pt").is_file():
-            raise ConfigError(f"--resume: no checkpoint at {out / 'checkpoints' / 'last.pt'}; "
-                              f"give the run directory with --out")
+        from .train import checkpoint_candidates
+        if not checkpoint_candidates(out / "checkpoints"):
+            raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'}; give the run "
+                              f"directory with --out")
         from .config import load_yaml
         saved = load_yaml(out / "config.yaml")
         cfg = build_config(None, args.overrides, extra=saved)

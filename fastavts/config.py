@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -61,7 +62,7 @@ class DataConfig:
     n_mels: int = _f(64, "mel bands of the log-mel spectrogram", min=8, max=256)
     win_ms: float = _f(25.0, "STFT window length in ms (periodic Hann)", min=1.0)
     hop_ms: float = _f(10.0, "STFT hop in ms (4 audio frames per video frame at 25 fps)",
-                       min=1.0)
+                       min=1.0, max=1000.0)
     n_fft: int = _f(512, "FFT size (>= the window in samples)", min=16)
     fmin: float = _f(0.0, "lowest mel frequency in Hz", min=0.0)
     fmax: float = _f(0.0, "highest mel frequency in Hz; 0 = sample_rate / 2", min=0.0)
@@ -85,7 +86,7 @@ class SynthConfig:
                     "object inside a square training crop", min=32, max=1920)
     height: int = _f(128, "frame height in pixels (even)", min=32, max=1080)
     min_duration: float = _f(4.0, "shortest video in seconds", min=0.5)
-    max_duration: float = _f(12.0, "longest video in seconds", min=0.5)
+    max_duration: float = _f(12.0, "longest video in seconds", min=0.5, max=3600.0)
     sample_rate: int = _f(48000, "audio sample rate of the generated files",
                           choices=(16000, 24000, 48000))
     min_objects: int = _f(1, "fewest sounding objects per video", min=1, max=6)
@@ -93,7 +94,8 @@ class SynthConfig:
                           min=1, max=6)
     max_distractors: int = _f(2, "most silent distractor objects per video", min=0, max=6)
     min_interval: float = _f(0.35, "shortest time between two impacts of one object (s)", min=0.05)
-    max_interval: float = _f(1.2, "longest time between two impacts of one object (s)", min=0.05)
+    max_interval: float = _f(1.2, "longest time between two impacts of one object (s)", min=0.05,
+                             max=60.0)
     min_event_gap: float = _f(0.08, "shortest time between impacts of different objects (s)",
                               min=0.0)
     noise_db: list = _f([-45.0, -32.0], "background noise level range in dBFS [low, high]")
@@ -220,7 +222,7 @@ class LossConfig:
                                "on, off, auto = on for in-batch losses (contrastive with "
                                "sampler.pairs=inbatch, infonce)", choices=("auto", "on", "off"))
     margin: float = _f(1.0, "contrastive margin on the distance", min=0.0)
-    temperature: float = _f(0.1, "InfoNCE temperature", min=1e-4)
+    temperature: float = _f(0.1, "InfoNCE temperature", min=1e-4, max=100.0)
     sync_tol: float = _f(0.02, "inbatch: a window this close to the clip's start is aligned",
                          min=0.0)
 
@@ -233,8 +235,8 @@ class TrainConfig:
     epochs: int = _f(10, "passes over the training set", min=1)
     optimizer: str = _f("adamw", "adamw (fused on a GPU) or sgd (momentum 0.9)",
                         choices=("adamw", "sgd"))
-    lr: float = _f(1e-3, "peak learning rate", min=0.0)
-    weight_decay: float = _f(1e-4, "decoupled weight decay", min=0.0)
+    lr: float = _f(1e-3, "peak learning rate", min=0.0, max=10.0)
+    weight_decay: float = _f(1e-4, "decoupled weight decay", min=0.0, max=1.0)
     warmup: float = _f(0.05, "share of training spent warming the learning rate up",
                        min=0.0, max=1.0)
     grad_clip: float = _f(1.0, "clip the gradient norm to this; 0 = off", min=0.0)
@@ -314,6 +316,19 @@ def _check_keys(tree: Any, cls, where: str, prefix: str = "") -> None:
         sub = _dataclass_of(ftype)
         if sub is not None:
             _check_keys(value, sub, where, prefix=f"{full}.")
+        elif ftype in (list, "list") and not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {full}={value!r} must be a list, like "
+                              f"{fields[key].metadata.get('help', '')!r} says "
+                              f"(e.g. {full}=[...]).")
+        elif ftype not in (list, "list") and isinstance(value, (dict, list, tuple)):
+            t = ftype if isinstance(ftype, str) else getattr(ftype, "__name__", str(ftype))
+            raise ConfigError(f"{where}: {full}={value!r} must be a single {t}, not a "
+                              f"{'mapping' if isinstance(value, dict) else 'list'}.")
+        elif ftype in (bool, "bool") and not (
+                isinstance(value, bool) or value in (0, 1)
+                or str(value).lower() in ("true", "false", "yes", "no", "on", "off")):
+            # OmegaConf would take any number as a bool (-1 -> true)
+            raise ConfigError(f"{where}: {full}={value!r} is not a boolean; use true or false.")
 
 
 def _dataclass_of(ftype):
@@ -378,6 +393,9 @@ def build_config(yaml_path: str | os.PathLike | None = None,
             merged = OmegaConf.merge(merged, tree)
         except OmegaConfBaseException as e:
             raise ConfigError(_explain_omegaconf(e, where)) from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: a value of the wrong kind ({e}); `fastavts info "
+                              f"--config` lists every setting with its type") from None
     cfg: Config = OmegaConf.to_object(merged)
     validate(cfg)
     return cfg
@@ -401,6 +419,21 @@ def _explain_omegaconf(e: OmegaConfBaseException, where: str) -> str:
 LOGGERS = ("tensorboard", "wandb")
 
 
+def _bounds(m) -> str:
+    lo, hi = m.get("min"), m.get("max")
+    if lo is not None and hi is not None:
+        return f" in [{lo}, {hi}]"
+    return f" >= {lo}" if lo is not None else (f" <= {hi}" if hi is not None else "")
+
+
+def _flat(xs):
+    for x in xs:
+        if isinstance(x, (list, tuple)):
+            yield from _flat(x)
+        else:
+            yield x
+
+
 def validate(cfg: Config) -> None:
     """Choices, ranges and combinations that cannot work together."""
     for section in dataclasses.fields(cfg):
@@ -408,6 +441,12 @@ def validate(cfg: Config) -> None:
         for f in dataclasses.fields(sub):
             key, v = f"{section.name}.{f.name}", getattr(sub, f.name)
             m = f.metadata
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{key}={v} is not a finite number; give a number"
+                                  f"{_bounds(m)} (default {f.default}).")
+            if isinstance(v, list) and any(isinstance(x, float) and not math.isfinite(x)
+                                           for x in _flat(v)):
+                raise ConfigError(f"{key}={v} holds a value that is not a finite number.")
             if m.get("choices") and v not in m["choices"]:
                 raise ConfigError(f"{key}={v!r} is not allowed; choose one of "
                                   f"{', '.join(map(str, m['choices']))}.")
@@ -476,6 +515,29 @@ def validate(cfg: Config) -> None:
     if sm.curriculum_unit == "fraction" and any(a > 1 for a, _ in pieces):
         raise ConfigError(f"sampler.curriculum: with curriculum_unit=fraction every `at` lies in "
                           f"[0, 1], got {sm.curriculum!r}.")
+    lc = cfg.loss
+    if lc.kind == "contrastive" and lc.margin <= 0:
+        raise ConfigError(f"loss.margin={lc.margin}: with a margin of 0 negatives are never "
+                          f"pushed apart and the towers collapse to one point; use a margin > 0 "
+                          f"(1.0 on L2-normalised embeddings).")
+    if lc.kind == "contrastive" and cfg.model.normalize and lc.margin > 2:
+        raise ConfigError(f"loss.margin={lc.margin}: L2-normalised embeddings are at most 2 "
+                          f"apart, so every negative pair would stay inside the margin for "
+                          f"ever; use a margin <= 2 or model.normalize=false.")
+    if not 0 < lc.sync_tol < sm.hard_min_shift:
+        raise ConfigError(f"loss.sync_tol={lc.sync_tol} must lie in (0, sampler.hard_min_shift="
+                          f"{sm.hard_min_shift}): windows closer than sync_tol to the clip count "
+                          f"as aligned, hard negatives are at least hard_min_shift away.")
+    if sm.superhard_share > 0 and sm.superhard_min_shift <= lc.sync_tol:
+        raise ConfigError(f"sampler.superhard_min_shift={sm.superhard_min_shift} must exceed "
+                          f"loss.sync_tol={lc.sync_tol}: a super-hard negative that close to its "
+                          f"clip is an aligned window.")
+    if sm.pairs == "paired" and not 0 < sm.positive_share < 1:
+        raise ConfigError(f"sampler.positive_share={sm.positive_share}: paired examples need both "
+                          f"positives and negatives; use a share in (0, 1), the paper's 0.5.")
+    if d.fmin >= (d.fmax or d.sample_rate / 2):
+        raise ConfigError(f"data.fmin={d.fmin} must be below the highest mel frequency "
+                          f"({d.fmax or d.sample_rate / 2:g} Hz).")
     if sm.superhard_share > 0 and sm.superhard_min_shift >= sm.hard_min_shift:
         raise ConfigError(f"sampler.superhard_min_shift={sm.superhard_min_shift} must be below "
                           f"sampler.hard_min_shift={sm.hard_min_shift} for super-hard negatives.")
@@ -489,6 +551,9 @@ def validate(cfg: Config) -> None:
     if not all(isinstance(x, str) and x in LOGGERS for x in loggers) or len(set(loggers)) < len(loggers):
         raise ConfigError(f"train.loggers={loggers}: give a list of distinct names from "
                           f"{', '.join(LOGGERS)} (e.g. train.loggers=[tensorboard,wandb]).")
+    if "wandb" in loggers and not cfg.train.wandb_project.strip():
+        raise ConfigError("train.wandb_project is empty: name the Weights & Biases project "
+                          "(train.wandb_project=NAME).")
     if "wandb" in loggers:
         import importlib.util
         if importlib.util.find_spec("wandb") is None:

@@ -101,9 +101,11 @@ def eval_config(cfg, clips_per_video: int = 32):
 
 def evaluate_sync(model, cfg, root, device, autocast=nullcontext,
                   clips_per_video: int = 32) -> dict:
+    from .data.checks import check_dataset
     from .data.loader import make_loader
 
     c = eval_config(cfg, clips_per_video)
+    check_dataset(c, root, "dataset")
     loader = make_loader(c, root, mode="eval", rank=0, world_size=1)
     try:
         r = collect(model, loader, cfg.loss.kind, device, autocast)

@@ -300,6 +300,35 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+RESUME_KEYS = ("model", "optimizer", "schedule", "scaler", "loader", "rng", "step")
+
+
+def checkpoint_candidates(ckpt_dir: Path) -> list[Path]:
+    """last.pt, then ckpt_<step>.pt newest first."""
+    return [p for p in [ckpt_dir / "last.pt", *sorted(ckpt_dir.glob("ckpt_*.pt"), reverse=True)]
+            if p.is_file()]
+
+
+def newest_readable_checkpoint(ckpt_dir: Path) -> tuple[dict, Path, list[tuple[Path, str]]]:
+    """(state, its path, [(unreadable path, why)]): last.pt, or where it is truncated or
+    damaged, the newest ckpt_<step>.pt that reads whole. A ConfigError when none does."""
+    unreadable = []
+    for path in checkpoint_candidates(ckpt_dir):
+        try:
+            state = load_checkpoint(path)
+        except Exception as e:  # a torn or truncated zip, not a torch file, ...
+            unreadable.append((path, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"))
+            continue
+        missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            unreadable.append((path, f"not a full training checkpoint: no {', '.join(missing)}"))
+            continue
+        return state, path, unreadable
+    listed = "; ".join(f"{p.name}: {w}" for p, w in unreadable) or "no checkpoint files"
+    raise ConfigError(f"--resume: no readable checkpoint in {ckpt_dir} ({listed}); start the "
+                      f"run again without --resume (or in another --out)")
+
+
 def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep_last: int) -> Path:
     """ckpt_<step>.pt written to a temporary file and renamed (atomic), last.pt the same
     way, older ones beyond keep_last removed."""
@@ -402,6 +431,12 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
     np.random.seed(tc.seed)
     random.seed(tc.seed)
     is_main = rank == 0
+    from .data.checks import check_dataset
+    for key, root in (("train.data", tc.data), ("train.eval_data", tc.eval_data)):
+        if root:
+            for w in check_dataset(cfg, root, key):
+                if is_main:
+                    print(f"fastavts train: warning: {w}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     if is_main:
         save_config(cfg, out / "config.yaml", header=f"# resolved config of: fastavts train --out {out}")
@@ -427,7 +462,7 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
     step, epoch0 = 0, 0
     ckpt_dir = out / "checkpoints"
     if resume:
-        state = load_checkpoint(ckpt_dir / "last.pt")
+        state, used, unreadable = newest_readable_checkpoint(ckpt_dir)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["schedule"])
@@ -437,7 +472,10 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
         # the loader's position, an epoch's end already moved to the next epoch's start
         step, epoch0 = state["step"], loader.sampler.epoch
         if is_main:
-            print(f"fastavts train: resumed from {ckpt_dir / 'last.pt'} at step {step}")
+            for path, why in unreadable:
+                print(f"fastavts train: {path} cannot be read ({why}); skipped", file=sys.stderr)
+            print(f"fastavts train: resumed from {used} at step {step}"
+                  + (" (the newest readable checkpoint)" if unreadable else ""))
 
     def checkpoint():
         if is_main:

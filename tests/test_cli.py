@@ -7,6 +7,7 @@ import pytest
 from fastavts.cli import build_parser
 
 SUBCOMMANDS = ["synth", "prepare", "merge", "train", "eval-sync", "offset", "probe-audio", "finetune",
+               "export",
                "info"]
 
 
