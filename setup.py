@@ -35,8 +35,10 @@ setup(
         "safetensors>=0.4,<1",         # exported weights (fastavts export, from_pretrained)
     ],
     extras_require={"test": ["pytest>=8,<10", "matplotlib>=3.8,<4", "wandb>=0.16,<1",
+                             "decord>=0.6,<0.7",   # loader.kind=decord, a benchmark baseline
                              "ruff>=0.17,<0.18"],  # .ci/run lints with ruff.toml
                     "bench": ["matplotlib>=3.8,<4"],    # bench/plot.py
-                    "wandb": ["wandb>=0.16,<1"]},       # train.loggers=[tensorboard,wandb]
+                    "wandb": ["wandb>=0.16,<1"],        # train.loggers=[tensorboard,wandb]
+                    "decord": ["decord>=0.6,<0.7"]},    # loader.kind=decord (bench_data.py)
     entry_points={"console_scripts": ["fastavts=fastavts.cli:main"]},
 )

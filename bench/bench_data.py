@@ -1,6 +1,6 @@
-"""Data pipeline throughput: clips/s of the DALI and PyAV loaders on a prepared set.
+"""Data pipeline throughput: clips/s of the DALI, PyAV and decord loaders on a prepared set.
 
-    python bench/bench_data.py --device cpu --loader dali pyav --batch-size 16 --workers 2
+    python bench/bench_data.py --device cpu --loader dali pyav decord decoder --batch-size 16
     python bench/bench_data.py --device gpu --loader dali pyav --batch-size 64 --pipelines 1 2 4 7
 
 Without --data it makes (once, cached) a synthetic set of 10-s videos and prepares it: VP9 for
@@ -8,7 +8,10 @@ Without --data it makes (once, cached) a synthetic set of 10-s videos and prepar
 for --warmup batches, then timed over --repeats windows of --batches batches; it prints the
 median and the spread (min-max) in clips/s, with peak host memory, the machine and versions,
 and appends one row per loader (and per --pipelines value for DALI) to
-bench/results/data.jsonl as each is done. On a GPU the clock stops after
+bench/results/data.jsonl as each is done. `decord` is the PyAV loader's workers decoding with
+decord (MMAction2's reader; pip install decord); `decoder` is DALI's video decoder alone on the
+same plans (files and frame indices fed from this thread, no crop, normalisation, audio or
+copy to torch): the ceiling the DALI loader's video pipeline can reach. On a GPU the clock stops after
 torch.cuda.synchronize(), so batches count only once they are on the device, and NVML's SM
 and NVDEC (video decoder) utilisation are sampled over the timed windows: with enough
 pipelines the loader alone should be decode-engine-bound (NVDEC near 100 %).
@@ -37,6 +40,48 @@ def prepared_set(args) -> Path:
     return out
 
 
+def decoder_batches(root: Path, args, cfg):
+    """DALI's fn.decoders.video alone over the loader's plans: the decoder's own rate."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from fastavts.data.dali_loader import ClipSource, default_threads
+    from fastavts.data.loader import make_loader
+
+    sampler = make_loader(cfg, root, total_epochs=1000).sampler
+    B = cfg.loader.batch_size
+    gpu = args.device == "gpu"
+    threads = args.threads or default_threads(1, gpu)
+
+    @pipeline_def(batch_size=B, num_threads=threads, device_id=0 if gpu else None,
+                  prefetch_queue_depth=cfg.loader.prefetch, exec_dynamic=True)
+    def pipe():
+        src = ClipSource(str(root), sampler, 0, 1000 * len(sampler), 0, 1, frozenset(), B)
+        enc, frames = fn.external_source(
+            source=lambda info: src(info)[:2], num_outputs=2, batch=False,
+            dtype=[types.UINT8, types.INT32])
+        return fn.decoders.video(enc, device="mixed" if gpu else "cpu", frames=frames,
+                                 pad_mode="none")
+
+    p = pipe()
+    p.build()
+
+    class _Loader:
+        faults: dict = {}
+        video_pipelines, threads_ = 1, threads
+
+        def __len__(self):
+            return len(sampler)
+
+        def epoch(self, e):
+            for _ in range(len(sampler)):
+                (out,) = p.run()
+                yield {"clip_video": range(len(out))}
+
+        def close(self):
+            pass
+    return _Loader()
+
+
 def run_one(kind: str, root: Path, args, pipelines: int = 0) -> dict:
     import torch
 
@@ -45,12 +90,14 @@ def run_one(kind: str, root: Path, args, pipelines: int = 0) -> dict:
     from fastavts.gpu_monitor import GpuMonitor
 
     cfg = build_config(overrides=[
-        f"loader.kind={kind}", f"loader.device={args.device}", f"loader.batch_size={args.batch_size}",
-        f"loader.workers={args.pyav_workers if kind == 'pyav' else args.workers}",
+        f"loader.device={args.device}", f"loader.batch_size={args.batch_size}",
+        f"loader.kind={'dali' if kind == 'decoder' else kind}",
+        f"loader.workers={args.pyav_workers if kind in ('pyav', 'decord') else args.workers}",
         f"loader.threads={args.threads}",
         f"loader.video_pipelines={pipelines}",
         f"sampler.pairs={args.pairs}", f"sampler.clips_per_video={args.clips_per_video}"])
-    loader = make_loader(cfg, root, total_epochs=1000)
+    loader = (decoder_batches(root, args, cfg) if kind == "decoder"
+              else make_loader(cfg, root, total_epochs=1000))
     sync = torch.cuda.synchronize if args.device == "gpu" else (lambda: None)
 
     def batches():
@@ -79,6 +126,8 @@ def run_one(kind: str, root: Path, args, pipelines: int = 0) -> dict:
     extra = {}
     if kind == "dali":
         extra = dict(video_pipelines=loader.video_pipelines, threads=loader.threads)
+    if kind == "decoder":
+        extra = dict(video_pipelines=1, threads=loader.threads_)
     return dict(loader=kind, **extra, batches_per_epoch=len(loader),
                 clips_per_s_median=round(statistics.median(rates), 2),
                 clips_per_s_min=round(min(rates), 2), clips_per_s_max=round(max(rates), 2),
@@ -89,7 +138,9 @@ def run_one(kind: str, root: Path, args, pipelines: int = 0) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    ap.add_argument("--loader", nargs="+", choices=["dali", "pyav"], default=["dali", "pyav"])
+    ap.add_argument("--loader", nargs="+", choices=["dali", "pyav", "decord", "decoder"],
+                    default=["dali", "pyav"],
+                    help="decord: pip install decord; decoder: DALI's video decoder alone")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", type=int, default=os.cpu_count(),
                     help="PyAV DataLoader workers; DALI source workers per pipeline")
@@ -130,21 +181,26 @@ def main() -> int:
     for kind, pipes in runs[:1] if args.once else runs:
         r = run_one(kind, root, args, pipes)
         r.update(bench="data", device=args.device, batch_size=args.batch_size,
-                 workers=args.pyav_workers if kind == "pyav" else args.workers,
+                 workers=(args.pyav_workers if kind in ("pyav", "decord") else
+                          0 if kind == "decoder" else args.workers),
                  pairs=args.pairs, data=str(root), **ctx)
         rows.add(r)
         extra = (f", {r['video_pipelines']} pipeline(s) x {r['threads']} threads"
-                 if kind == "dali" else "")
+                 if kind in ("dali", "decoder") else "")
         gpu = (f", SM {r['gpu_sm_util_median']} %, NVDEC {r.get('gpu_nvdec_util_median', '-')} %"
                if "gpu_sm_util_median" in r else "")
-        print(f"{kind:5s} on {args.device}: {r['clips_per_s_median']:.1f} clips/s (range "
+        print(f"{kind:7s} on {args.device}: {r['clips_per_s_median']:.1f} clips/s (range "
               f"{r['clips_per_s_min']:.1f}-{r['clips_per_s_max']:.1f}, {r['repeats']} x "
               f"{args.batches} batches of {args.batch_size}), peak RSS {r['peak_rss_mb']} MB, "
               f"{r['workers']} workers{extra}{gpu}")
     best = {k: max((r["clips_per_s_median"] for r in rows.rows if r["loader"] == k), default=None)
-            for k in ("dali", "pyav")}
+            for k in ("dali", "pyav", "decord", "decoder")}
     if best["dali"] and best["pyav"]:
         print(f"dali (best) / pyav = {best['dali'] / best['pyav']:.2f}")
+    if best["dali"] and best["decord"]:
+        print(f"dali (best) / decord = {best['dali'] / best['decord']:.2f}")
+    if best["dali"] and best["decoder"]:
+        print(f"dali loader / its decoder alone = {best['dali'] / best['decoder']:.2f}")
     rows.done()
     return 0
 

@@ -173,8 +173,10 @@ class LoaderConfig:
     kind: str = _f("dali", "dali: fn.decoders.video + DALI log-mel; pyav: torch DataLoader "
                    "workers decoding with PyAV, log-mel in PyTorch; memory: each video decoded "
                    "once (PyAV) and kept in RAM, batches cut from it in the training process "
-                   "(small sets on a CPU, where decoding would take the cores the model needs)",
-                   choices=("dali", "pyav", "memory"))
+                   "(small sets on a CPU, where decoding would take the cores the model needs); "
+                   "decord: the pyav loader decoding with decord (a benchmark baseline; "
+                   "pip install decord)",
+                   choices=("dali", "pyav", "memory", "decord"))
     device: str = _f("auto", "where DALI runs: gpu (mixed decoding, needs H.264/HEVC/VP9 and a "
                      "GPU), cpu (VP8/VP9/MJPEG only), auto = gpu if one is visible",
                      choices=("auto", "gpu", "cpu"))
@@ -551,6 +553,12 @@ def validate(cfg: Config) -> None:
     if not all(isinstance(x, str) and x in LOGGERS for x in loggers) or len(set(loggers)) < len(loggers):
         raise ConfigError(f"train.loggers={loggers}: give a list of distinct names from "
                           f"{', '.join(LOGGERS)} (e.g. train.loggers=[tensorboard,wandb]).")
+    if cfg.loader.kind == "decord":
+        import importlib.util
+        if importlib.util.find_spec("decord") is None:
+            raise ConfigError("loader.kind=decord but decord is not installed: pip install "
+                              "decord (or pip install 'fastavts[decord]'), or use loader.kind="
+                              "pyav, memory or dali.")
     if "wandb" in loggers and not cfg.train.wandb_project.strip():
         raise ConfigError("train.wandb_project is empty: name the Weights & Biases project "
                           "(train.wandb_project=NAME).")

@@ -37,8 +37,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from .base_loader import BaseLoader, plan_meta, substitute
 from .features import AudioGeometry, audio_window, hann
-from .loader import BaseLoader, plan_meta, substitute
 from .sampler import windows_per_clip
 
 # NVDEC engines per GPU (NVIDIA Video Codec SDK support matrix); one video pipeline each.

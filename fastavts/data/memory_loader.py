@@ -20,9 +20,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from .base_loader import BaseLoader
 from .dataset import Dataset
 from .features import AudioGeometry, LogMel
-from .loader import BaseLoader
 from .pyav_loader import build_batch
 
 

@@ -8,8 +8,8 @@ from contextlib import nullcontext
 
 import numpy as np
 
+from .base_loader import BaseLoader, plan_meta, substitute
 from .features import AudioGeometry, LogMel, audio_window, video_transform
-from .loader import BaseLoader, plan_meta, substitute
 
 
 class _PlannedBatches:
@@ -19,6 +19,7 @@ class _PlannedBatches:
     def __init__(self, loader: PyAVLoader, epoch0: int, start: int, epochs: int):
         self.root, self.cfg = loader.root, loader.cfg
         self.sampler, self.epoch0, self.start, self.epochs = loader.sampler, epoch0, start, epochs
+        self.frame_reader = loader.frame_reader
         self._ds = None
 
     def __len__(self) -> int:
@@ -32,6 +33,8 @@ class _PlannedBatches:
         if self._ds is None:  # opened in the worker process: its own memmap and files
             self._ds = Dataset.open(self.root)
             self._ds.codec_threads = False
+            if self.frame_reader is not None:   # another decoder (decord_loader.py)
+                self._ds = self.frame_reader(self._ds)
             torch.set_num_threads(1)  # one core per worker: parallelism is across workers
             self._geo = AudioGeometry(self.cfg.data)
             self._logmel = LogMel(self._geo)
@@ -76,6 +79,9 @@ def build_batch(ds, videos: list[dict], plan: dict, d, geo: AudioGeometry, logme
 
 class PyAVLoader(BaseLoader):
     kind = "pyav"
+    # a class whose instances wrap a Dataset and give .frames(id, indices) and .bank; None =
+    # the Dataset's own PyAV decoding
+    frame_reader = None
     _it = None
     _next = None  # (epoch, batch) the running DataLoader yields next
 
