@@ -12,7 +12,7 @@ sets the model's initialisation and the sampler's plans (train.seed, sampler.see
   paper               the paper's form: paired examples (each clip with its aligned window and
                       one negative: half positives), margin loss with margin 1 on centred
                       (model.embed_bn), L2-normalised embeddings, both windows of a clip in the
-                      same step (configs/avts_paper_cpu.yaml; README "The paper's recipe" says
+                      same step (configs/avts_paper_cpu.yaml; docs/training.md "The paper's recipe" says
                       why), curriculum: no hard negatives for the first third, then 25 % of the
                       sampled negatives hard, every negative pair weighing the same
   hard_from_start     the same, 25 % hard from the first step

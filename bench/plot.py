@@ -1,4 +1,4 @@
-"""Turn the benchmark rows of bench/results/*.jsonl into PNG charts (the README shows them).
+"""Turn the benchmark rows of bench/results/*.jsonl into PNG charts (docs/benchmarks.md shows them).
 
     python bench/plot.py                      # bench/results/*.jsonl -> bench/results/plots/
     python bench/plot.py --results DIR --out DIR

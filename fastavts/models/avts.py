@@ -20,7 +20,7 @@ from .video import VIDEO_NETS
 def projection(c_in: int, dim: int, batchnorm: bool = False) -> nn.Module:
     """Two-layer head to the embedding; `batchnorm` ends it in BatchNorm without affine
     parameters, so the embeddings are centred over the batch: a tower cannot answer every
-    input with the same point (the collapse of the paired margin loss, README)."""
+    input with the same point (the collapse of the paired margin loss, docs/training.md)."""
     layers = [nn.Linear(c_in, c_in), nn.ReLU(inplace=True), nn.Linear(c_in, dim)]
     if batchnorm:
         layers.append(nn.BatchNorm1d(dim, affine=False))
