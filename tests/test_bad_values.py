@@ -63,6 +63,11 @@ def test_nan_lr_crop_too_large_and_impossible_hard_shift_exit_2_before_training(
     assert code == 2 and "unknown key" in err
     code, err = _cli_err(capsys, *base, tmp_path / "g", "data.flip=-1")
     assert code == 2 and "not a boolean" in err
+    code, err = _cli_err(capsys, *base, tmp_path / "h", "loader.batch_size=4096")
+    assert code == 2 and "do not fill one batch" in err
+    code, err = _cli_err(capsys, *base, tmp_path / "i", "loader.kind=memory",
+                         "loader.memory_gb=0.0001")
+    assert code == 2 and "loader.memory_gb" in err
     code, err = _cli_err(capsys, "train", *FAST, f"train.data={tmp_path / 'nothing'}")
     assert code == 2 and "nothing" in err and "fastavts prepare" in err
 

@@ -37,6 +37,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..config import ConfigError
 from .base_loader import BaseLoader, plan_meta, substitute
 from .features import AudioGeometry, audio_window, hann
 from .sampler import windows_per_clip
@@ -259,7 +260,7 @@ class DALILoader(BaseLoader):
         if self.device == "cpu":
             codecs = {v.get("codec") for v in self.sampler.videos}
             if codecs - {"vp9", "vp8", "mjpeg"}:
-                raise ValueError(f"DALI's CPU video decoder reads VP8/VP9/MJPEG, but {self.root} "
+                raise ConfigError(f"DALI's CPU video decoder reads VP8/VP9/MJPEG, but {self.root} "
                                  f"holds {sorted(codecs)}: prepare with --codec vp9 for CPU "
                                  f"runs, or use loader.kind=pyav")
         self.exclude: frozenset = frozenset()

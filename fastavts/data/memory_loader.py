@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..config import ConfigError
 from .base_loader import BaseLoader
 from .dataset import Dataset
 from .features import AudioGeometry, LogMel
@@ -65,7 +66,7 @@ class MemoryLoader(BaseLoader):
         need = decoded_bytes(self.sampler.videos)
         limit = cfg.loader.memory_gb * 2**30
         if need > limit:
-            raise MemoryError(
+            raise ConfigError(
                 f"loader.kind=memory: the {len(self.sampler.videos)} videos of {root} would take "
                 f"{need / 2**30:.1f} GiB decoded, more than loader.memory_gb="
                 f"{cfg.loader.memory_gb:g}; raise loader.memory_gb if the machine has the RAM, "

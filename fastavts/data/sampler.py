@@ -39,7 +39,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from ..config import DataConfig, SamplerConfig
+from ..config import ConfigError, DataConfig, SamplerConfig
 
 POSITIVE, EASY, HARD, SUPERHARD = 0, 1, 2, 3
 PLAN_CACHE = 64   # plans kept per process (the prefetch depth of every pipeline fits)
@@ -91,7 +91,7 @@ class Sampler:
             else:
                 self.videos.append(dict(v, _ranges=ranges))
         if len(self.videos) < 2:
-            raise ValueError(f"the sampler needs at least 2 usable videos (easy negatives come "
+            raise ConfigError(f"the sampler needs at least 2 usable videos (easy negatives come "
                              f"from other videos), got {len(self.videos)} of {len(videos)}")
         self.items_per_epoch = len(self.videos) * cfg.clips_per_video
         per_rank = self.items_per_epoch // world_size
@@ -99,7 +99,7 @@ class Sampler:
             self.batches_per_epoch = per_rank // batch_size
             self.dropped_per_epoch = self.items_per_epoch - self.batches_per_epoch * batch_size * world_size
             if self.batches_per_epoch == 0:
-                raise ValueError(f"{self.items_per_epoch} clips per epoch over {world_size} ranks "
+                raise ConfigError(f"{self.items_per_epoch} clips per epoch over {world_size} ranks "
                                  f"do not fill one batch of {batch_size}; lower the batch size "
                                  f"or raise sampler.clips_per_video")
         else:
@@ -369,7 +369,7 @@ class Sampler:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("fingerprint") != self.fingerprint():
-            raise ValueError("the saved sampler position belongs to another dataset, config, batch "
+            raise ConfigError("the saved sampler position belongs to another dataset, config, batch "
                              "size or world size; resume with the same ones")
         self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])
         if self.next_batch >= self.batches_per_epoch:
