@@ -280,7 +280,9 @@ def test_resume_after_interrupt_loses_nothing_and_repeats_nothing(tmp_path, synt
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "fastavts", "prepare", str(synth_dir), str(out), "-q",
            "prepare.workers=1", "prepare.codec=vp9", "prepare.short_side=64"]
-    p, err = stop_after_rows(cmd, out, 2, signal.SIGINT)  # Ctrl-C after two commits
+    # Ctrl-C after two commits; the job at the lowest priority so that on a loaded machine
+    # the watcher is not starved until the job has finished all six inputs
+    p, err = stop_after_rows(["nice", "-n", "19", *cmd], out, 2, signal.SIGINT)
     print(err)
     first = read_jsonl(out / "manifest.jsonl")
     assert p.returncode == 130 and "resume" in err
