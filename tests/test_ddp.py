@@ -36,6 +36,7 @@ def worker(rank, world, store, out):
     paired_contrastive_loss(v, a, y[half]).backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.module.named_parameters()}, out)
+    dist.barrier()     # both ranks done before either tears gloo down (a race aborts a rank)
     dist.destroy_process_group()
 
 
@@ -47,7 +48,14 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     want = {n: p.grad for n, p in model.named_parameters()}
 
     out = tmp_path / "grads.pt"
-    mp.spawn(worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    try:
+        mp.spawn(worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    except mp.ProcessExitedException as e:
+        # torch 2.13 CPU: a gloo rank sometimes aborts while exiting ("terminate called without
+        # an active exception") after its work is done; the gradients written before it count
+        if "SIGABRT" not in str(e) or not out.is_file():
+            raise
+        print("a rank aborted on exit after the gradients were written:", e)
     got = torch.load(out)
     assert got.keys() == want.keys()
     worst = max(((got[n] - want[n]).abs().max() / (want[n].abs().max() + 1e-12)).item()
