@@ -58,13 +58,16 @@ def cmd_synth(args) -> int:
 
 
 def _sigterm_as_interrupt() -> None:
-    """A batch scheduler's SIGTERM stops a long job as cleanly as Ctrl-C does."""
+    """A batch scheduler's SIGTERM stops a long job as cleanly as Ctrl-C does; and Ctrl-C
+    (SIGINT) stops it even where the parent process left SIGINT ignored (Python then keeps it
+    ignored: a job started by a process that ignores it could not be interrupted)."""
     import signal
 
     def handler(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def cmd_prepare(args) -> int:
