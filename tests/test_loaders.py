@@ -68,6 +68,15 @@ def test_dali_and_pyav_give_the_same_batches(one_object, pairs):
         print("video err", err.mean().item(), "vs one frame off", shifted.mean().item())
         assert err.max() < 0.06                    # in normalised units (1/255/0.22 = 0.018)
         assert (err[:, 1:] < shifted).float().mean() > 0.95
+        # the planned crop, to the pixel: closer than the crop one pixel right or down
+        for dx, dy in ((1, 0), (0, 1)):
+            H, W = a["video"].shape[-2:]
+            moved = (a["video"][..., dy:, dx:] - b["video"][..., :H - dy, :W - dx]).abs()
+            same = (a["video"][..., dy:, dx:] - b["video"][..., dy:, dx:]).abs()
+            assert (same.mean(dim=(1, 3, 4)) < moved.mean(dim=(1, 3, 4))).float().mean() > 0.95
+            moved = (a["video"][..., :H - dy, :W - dx] - b["video"][..., dy:, dx:]).abs()
+            same = (a["video"][..., :H - dy, :W - dx] - b["video"][..., :H - dy, :W - dx]).abs()
+            assert (same.mean(dim=(1, 3, 4)) < moved.mean(dim=(1, 3, 4))).float().mean() > 0.95
         # log-mel: the same float32 arithmetic on both sides, to a few thousandths of a dB
         loud = b["audio"] > -60
         aerr = (a["audio"] - b["audio"]).abs()
@@ -424,6 +433,15 @@ def test_decord_loader_gives_the_pyav_batches(root, request):
         shifted = (b["video"][:, :, 1:] - b["video"][:, :, :-1]).abs().mean(dim=(1, 3, 4))
         assert err.max() < 0.06
         assert (err[:, 1:] < shifted).float().mean() > 0.95
+        # the planned crop, to the pixel: closer than the crop one pixel right or down
+        for dx, dy in ((1, 0), (0, 1)):
+            H, W = a["video"].shape[-2:]
+            moved = (a["video"][..., dy:, dx:] - b["video"][..., :H - dy, :W - dx]).abs()
+            same = (a["video"][..., dy:, dx:] - b["video"][..., dy:, dx:]).abs()
+            assert (same.mean(dim=(1, 3, 4)) < moved.mean(dim=(1, 3, 4))).float().mean() > 0.95
+            moved = (a["video"][..., :H - dy, :W - dx] - b["video"][..., dy:, dx:]).abs()
+            same = (a["video"][..., :H - dy, :W - dx] - b["video"][..., :H - dy, :W - dx]).abs()
+            assert (same.mean(dim=(1, 3, 4)) < moved.mean(dim=(1, 3, 4))).float().mean() > 0.95
     assert n == len(dec) == len(pyav) > 0
 
 
