@@ -59,7 +59,9 @@ def prepare_demo_data(cfg: Config, root: Path = Path("data/demo"), progress: boo
 
     key = json.dumps(dict(videos=cfg.train.demo_videos, heldout=cfg.train.demo_heldout,
                           seed=cfg.synth.seed, codec=cfg.prepare.codec,
-                          short_side=cfg.prepare.short_side), sort_keys=True)
+                          short_side=cfg.prepare.short_side, width=cfg.synth.width,
+                          height=cfg.synth.height, sample_rate=cfg.synth.sample_rate),
+                     sort_keys=True)
     marker = root / ".ready"
     cfg.train.data, cfg.train.eval_data = str(root / "train"), str(root / "heldout")
     if local_rank != 0:
@@ -72,6 +74,17 @@ def prepare_demo_data(cfg: Config, root: Path = Path("data/demo"), progress: boo
         return cfg
     if marker.exists():
         marker.unlink()
+    # synthesis and prepare resume file by file, so files made with other settings (an older
+    # fastavts, other overrides) would be mixed into the set: start over when they differ
+    settings = root / ".settings"
+    if settings.is_file() and settings.read_text() != key:
+        import shutil
+        print(f"fastavts train: the demo data in {root} was made with other settings; "
+              f"making it again")
+        for name in ("synth_train", "synth_heldout", "train", "heldout"):
+            shutil.rmtree(root / name, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    settings.write_text(key)
     t0 = time.perf_counter()
     for name, n, seed in (("train", cfg.train.demo_videos, cfg.synth.seed),
                           ("heldout", cfg.train.demo_heldout, cfg.synth.seed + 1000)):

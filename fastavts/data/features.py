@@ -102,7 +102,9 @@ class LogMel:
 
         g = self.geo
         frames = x.unfold(-1, g.win, g.hop) * self.window               # (M, F, win)
-        spec = torch.fft.rfft(frames, n=g.n_fft).abs().pow(2)           # (M, F, bins)
+        z = torch.view_as_real(torch.fft.rfft(frames, n=g.n_fft))       # (M, F, bins, 2)
+        re, im = z.unbind(-1)
+        spec = re * re + im * im   # |z|^2; abs() would take a hypot per bin: 3x slower
         mel = spec @ self.fb.T                                          # (M, F, n_mels)
         logmel = 10 * torch.log10(mel.clamp_min(self.floor))
         return logmel.transpose(1, 2).unsqueeze(1).contiguous()         # (M, 1, n_mels, F)

@@ -110,9 +110,13 @@ def background(n: int, sr: int, level_db: float, rng: np.random.Generator) -> np
     # Red noise: white noise through a one-pole low-pass (pole 0.995, ~13 Hz at 16 kHz), run
     # causally with a warm-up that is thrown away, so it is stationary to the last sample
     # (a "same"-mode moving average leaves bursts at both ends that sound like events).
+    # (The 2000-tap convolution runs through the FFT: np.convolve took a third of the demo's
+    # synthesis time.)
     warm = 2000
     kernel = 0.995 ** np.arange(warm)
-    red = np.convolve(rng.standard_normal(n + warm), kernel)[warm:warm + n]
+    size = 1 << (n + 2 * warm - 2).bit_length()     # >= the full convolution's length
+    red = np.fft.irfft(np.fft.rfft(rng.standard_normal(n + warm), size) *
+                       np.fft.rfft(kernel, size), size)[warm:warm + n]
     red /= red.std() + 1e-9
     t = np.arange(n) / sr
     hum = np.sin(2 * np.pi * rng.uniform(50, 120) * t + rng.uniform(0, 6.28))
