@@ -163,6 +163,10 @@ class SamplerConfig:
                             "pair then weighs ~20x an easy one at batch 32)",
                             choices=("sample", "loss_weight"))
     clips_per_video: int = _f(1, "clips drawn from each video per epoch", min=1)
+    group_clips: bool = _f(False, "train: a video's clips_per_video clips go into the same "
+                           "batch (videos are permuted, not clips), so in inbatch mode each "
+                           "clip's sound is a hard negative for the video's other clips (those "
+                           "shifted by >= hard_min_shift) at no extra audio window")
     seed: int = _f(0, "sampling seed: plans depend on (seed, epoch, batch, rank, world)", min=0)
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 from .config import Config
 
 CPU_PRESET = [
-    "data.clip_frames=8", "data.frame_stride=4", "data.crop=48", "prepare.short_side=52",
+    "synth.width=72", "synth.height=72", "synth.sample_rate=16000",
+    "data.clip_frames=8", "data.frame_stride=4", "data.crop=32", "prepare.short_side=36",
     "prepare.codec=vp9", "model.video=tiny", "model.audio=tiny", "model.time_bins=4",
     "loss.kind=infonce", "sampler.pairs=inbatch", "sampler.k=1", "sampler.curriculum=[[0.0,1.0]]",
     "sampler.clips_per_video=2", "loader.kind=memory", "loader.batch_size=32", "train.lr=0.003",

@@ -189,3 +189,37 @@ def test_paired_with_two_windows_per_clip():
         fallback = sum(p["fallback_easy"] for p in plans) / len(neg)
         got = np.mean(neg == HARD)
         assert abs(got - want) <= 4 * np.sqrt(want * (1 - want) / len(neg)) + fallback + 1e-9
+
+
+@pytest.mark.parametrize("world", [1, 3])
+@pytest.mark.parametrize("cpv", [2, 4])
+def test_grouped_clips_share_their_batch_and_give_hard_pairs(world, cpv):
+    over = ["sampler.pairs=inbatch", "sampler.k=0", f"sampler.clips_per_video={cpv}",
+            "sampler.group_clips=true"]
+    samplers = [make(*over, batch=8, rank=r, world_size=world)[0] for r in range(world)]
+    assert len({len(s) for s in samplers}) == 1
+    items = np.concatenate([s.shard(2) for s in samplers])
+    assert len(np.unique(items)) == len(items) and len(items) <= 40 * cpv  # disjoint
+    assert {int(i) // cpv for i in items} == set(range(40))                 # whole videos
+    for s_ in samplers:
+        assert (np.bincount(s_.shard(2) // cpv, minlength=40) % cpv == 0).all()
+    hard = pairs = 0
+    for s in samplers:
+        for b in range(len(s)):
+            p = s.plan(2, b)
+            counts = np.bincount(p["clip_video"])
+            assert set(counts[counts > 0].tolist()) == {cpv}   # each video's clips together
+            assert len(p["kind"]) == 8 and (p["kind"] == POSITIVE).all()   # k=0: M = B
+            # the other clips' aligned windows of the same video: hard negatives for the loss
+            # (shifted by >= hard_min_shift), formed from ids and times as the kernel does
+            for i in range(8):
+                for j in range(8):
+                    if i != j and p["clip_video"][i] == p["audio_video"][j]:
+                        pairs += 1
+                        hard += abs(p["clip_t0"][i] - p["audio_t0"][j]) >= 0.5
+    assert pairs > 0 and hard / pairs > 0.7
+    # not grouped: the same clips spread over the epoch's batches
+    flat = make(*over[:3], batch=8)[0]
+    together = [set(np.bincount(flat.plan(2, b)["clip_video"]).tolist()) <= {0, cpv}
+                for b in range(len(flat))]
+    assert not any(together)

@@ -16,6 +16,7 @@ other clips of their batch and counted, and it is not tried again.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -49,6 +50,26 @@ class _FrameCache:
             self.videos[video_id] = arr
         return arr[np.asarray(indices, dtype=np.int64)]
 
+    def load(self, video_ids, threads: int) -> None:
+        """Decode the given videos now, `threads` at a time (PyAV decodes and converts without
+        the GIL; one FFmpeg thread per video: frame threads on tiny frames only add handoffs).
+        A video that fails is remembered; asking for its frames raises its error."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = [i for i in dict.fromkeys(video_ids)
+                if i not in self.videos and i not in self.broken]
+        if not todo:
+            return
+        self.ds.codec_threads = False
+
+        def one(video_id):
+            try:
+                self.frames(video_id, [0])
+            except Exception:
+                pass   # kept in self.broken: the batch that needs it reports the fault
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            list(pool.map(one, todo))
+
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.videos.values())
@@ -79,6 +100,10 @@ class MemoryLoader(BaseLoader):
         self._logmel = LogMel(self._geo)
 
     def _batches(self, epoch: int, start: int) -> Iterator[dict]:
+        # every video this rank will use, decoded up front on all the cores (the first epoch
+        # decoded them one at a time, on one core, between its steps)
+        with self.range("decode"):
+            self.cache.load([v["id"] for v in self.sampler.videos], os.cpu_count() or 1)
         for b in range(start, len(self.sampler)):
             plan = self.sampler.plan(epoch, b)
             batch = build_batch(self.cache, self.sampler.videos, plan, self.cfg.data, self._geo,

@@ -95,6 +95,8 @@ class Sampler:
                              f"from other videos), got {len(self.videos)} of {len(videos)}")
         self.items_per_epoch = len(self.videos) * cfg.clips_per_video
         per_rank = self.items_per_epoch // world_size
+        if mode == "train" and cfg.group_clips:   # whole videos are dealt to the ranks
+            per_rank = len(self.videos) // world_size * cfg.clips_per_video
         if mode == "train":
             self.batches_per_epoch = per_rank // batch_size
             self.dropped_per_epoch = self.items_per_epoch - self.batches_per_epoch * batch_size * world_size
@@ -156,18 +158,34 @@ class Sampler:
     def _rng(self, *key: int) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence([self.cfg.seed, *key]))
 
+    @property
+    def grouped(self) -> bool:
+        return self.mode == "train" and self.cfg.group_clips and self.cfg.clips_per_video > 1
+
     def epoch_items(self, epoch: int) -> np.ndarray:
-        """All items of the epoch in order (item = video_index * clips_per_video + clip)."""
+        """All items of the epoch in order (item = video_index * clips_per_video + clip);
+        grouped (sampler.group_clips): the videos permuted, each video's clips together."""
         n = self.items_per_epoch
         if self.mode == "eval":
             return np.arange(n)
+        if self.grouped:
+            cpv = self.cfg.clips_per_video
+            videos = self._rng(epoch, 0).permutation(n // cpv)
+            return (videos[:, None] * cpv + np.arange(cpv)).reshape(-1)
         return self._rng(epoch, 0).permutation(n)
 
     def shard(self, epoch: int) -> np.ndarray:
-        """This rank's items of the epoch, in order (computed once per epoch)."""
+        """This rank's items of the epoch, in order (computed once per epoch); grouped, the
+        ranks are dealt whole videos."""
         with self._lock:
             if self._shard_key != epoch:
-                self._shard_key, self._shard = epoch, self.epoch_items(epoch)[self.rank::self.world_size]
+                items = self.epoch_items(epoch)
+                if self.grouped:
+                    cpv = self.cfg.clips_per_video
+                    shard = items.reshape(-1, cpv)[self.rank::self.world_size].reshape(-1)
+                else:
+                    shard = items[self.rank::self.world_size]
+                self._shard_key, self._shard = epoch, shard
             return self._shard
 
     def __len__(self) -> int:
