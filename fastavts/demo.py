@@ -5,19 +5,21 @@ train, and evaluate sync on held-out synthetic videos.
     data/demo/synth_heldout -> prepare -> data/demo/heldout   (train.demo_heldout, other seed)
 
 The preset below sits under the user's YAML file and overrides: on a CPU, tiny towers keeping
-4 time bins, on 48x48 crops (of 52-px frames) of 8 frames taken every 4th (still the 1.28 s
-window; 4x the clips/s of 16 x stride 2 on 2 cores), InfoNCE over in-batch pairs with one hard
-window per clip, VP9, and the in-memory loader; on a GPU, R(2+1)D-18 on 16 x 112 x 112 with
-H.264 for NVDEC and DALI.
+4 time bins, on 32x32 crops (of 36-px frames) of 8 frames taken every 4th (still the 1.28 s
+window), InfoNCE over in-batch pairs with a video's two clips in the same batch (each clip's
+sound is a hard negative for the other: sampler.group_clips), VP9, and the in-memory loader;
+on a GPU, R(2+1)D-18 on 16 x 112 x 112 with H.264 for NVDEC and DALI, the same pairing.
 
-Where the CPU budget went (2-core dev machine, profiled with train.profile=true): next to the
-DALI CPU pipeline a step's forward + backward took ~390 ms, alone ~230 ms: decoding took the
-cores the model needs. The 160 training videos fit in 0.24 GiB decoded, so the CPU demo
-decodes each once (loader.kind=memory, during the first epoch) and cuts batches from RAM
-(11.9 % of a 214.5 ms step, bench_train.py): 64.6 -> 120-139 clips/s. channels_last_3d is
-15 % slower for these tiny convs on this CPU (133.8 vs 115.8 clips/s end to end), so the CPU
-preset turns it off. 230 epochs (73,600 clips) then take ~530 s of training: 98.2 % / 96.6 %
-held-out sync accuracy (easy / hard); 130 epochs gave 97.6 % / 93.8 %, 260 no better.
+Where the CPU budget goes (2-core dev machine, bench/profile_demo.py; docs/training.md has the
+tables): with 48-px crops and one extra hard window per clip a step took ~270 ms (video tower
+forward + backward ~2/3 of it, the log-mel of 64 windows ~17 ms), the first epoch decoded the
+160 videos one at a time (17.7 s), synthesis and prepare 82 s; the whole demo ~740-840 s for
+98.97 % / 97.24 %. Now: 32-px crops (the video tower 2.6x cheaper), the other clip of the same
+video as the hard negative (no extra audio window: half the audio tower and log-mel), videos
+decoded up front on both cores through one reused scaler context: ~170 ms a step, 476 s for
+98.97 % / 97.50 % (AUC 0.9998 / 0.9899). The in-memory loader: the 160 training videos fit in
+0.11 GiB decoded, so each is decoded once and batches are cut from RAM; channels_last_3d is
+slower for these tiny convs on this CPU, so the CPU preset turns it off.
 """
 from __future__ import annotations
 
@@ -27,16 +29,17 @@ from pathlib import Path
 from .config import Config
 
 CPU_PRESET = [
-    "synth.width=72", "synth.height=72", "synth.sample_rate=16000",
     "data.clip_frames=8", "data.frame_stride=4", "data.crop=32", "prepare.short_side=36",
     "prepare.codec=vp9", "model.video=tiny", "model.audio=tiny", "model.time_bins=4",
-    "loss.kind=infonce", "sampler.pairs=inbatch", "sampler.k=1", "sampler.curriculum=[[0.0,1.0]]",
+    "loss.kind=infonce", "sampler.pairs=inbatch", "sampler.k=0", "sampler.group_clips=true",
+    "sampler.curriculum=[[0.0,1.0]]",
     "sampler.clips_per_video=2", "loader.kind=memory", "loader.batch_size=32", "train.lr=0.003",
     "train.channels_last=false", "train.epochs=230",
 ]
 GPU_PRESET = [
     "prepare.codec=h264", "model.video=r2plus1d_18", "model.audio=default",
-    "loss.kind=infonce", "sampler.pairs=inbatch", "sampler.k=1", "sampler.curriculum=[[0.0,1.0]]",
+    "loss.kind=infonce", "sampler.pairs=inbatch", "sampler.k=0", "sampler.group_clips=true",
+    "sampler.curriculum=[[0.0,1.0]]",
     "sampler.clips_per_video=4",
     "loader.batch_size=64", "loader.workers=8", "loader.threads=8", "train.epochs=40",
     "train.demo_videos=512", "train.demo_heldout=128",
