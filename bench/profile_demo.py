@@ -119,6 +119,7 @@ def main(argv=None) -> int:
 
     # --- training with the ranges timed; the first epoch apart
     ranges = Ranges()
+    real_record_function = train_mod.torch.profiler.record_function
     train_mod.torch.profiler.record_function = ranges   # what rng_ calls on a CPU
     real_make_loader = train_mod.make_loader
     marks: dict[int, float] = {}
@@ -135,7 +136,11 @@ def main(argv=None) -> int:
         return loader
     train_mod.make_loader = make_loader
     t = time.perf_counter()
-    result = train_mod.train(cfg, root / "run", progress=False)
+    try:
+        result = train_mod.train(cfg, root / "run", progress=False)
+    finally:   # this process may go on (tests): put torch and the trainer back
+        train_mod.torch.profiler.record_function = real_record_function
+        train_mod.make_loader = real_make_loader
     train_s = time.perf_counter() - t
     row.update(train_and_eval_s=round(train_s, 2), train_wall_s=result["wall_s"],
                eval_s=result.get("eval_s"), steps=result["steps"], epochs=result["epochs"],

@@ -152,3 +152,33 @@ def test_ablation_table_gives_mean_spread_and_range_over_seeds():
     assert "| 1 |" in line and len(t.splitlines()) == 3      # one collapsed; no easy_only rows
     assert set(ablate.VARIANTS) >= {"paper", "hard_from_start", "easy_only", "paired_ce",
                                     "inbatch", "inbatch_lossweight"}
+
+
+def test_profile_demo_accounts_for_the_training_time(tmp_path):
+    import json
+
+    import profile_demo
+    out = tmp_path / "rows.jsonl"
+    assert profile_demo.main(["--dir", str(tmp_path / "w"), "--out", str(out),
+                              "train.demo_videos=4", "train.demo_heldout=4",
+                              "synth.min_duration=2.0", "synth.max_duration=2.5",
+                              "synth.workers=1", "train.epochs=3", "loader.batch_size=4"]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["steps"] == 3 * 2 and row["epochs"] == 3
+    for k in ("synth_train_s", "prepare_train_s", "synth_heldout_s", "prepare_heldout_s"):
+        assert row[k] > 0
+    # every step's ranges were timed, in both phases, and they fit inside the training wall
+    ranges = {k: v for k, v in row.items() if k.startswith(("first_epoch/", "later_epochs/"))}
+    for phase in ("first_epoch", "later_epochs"):
+        for name in ("data", "forward", "loss", "backward", "optimizer", "decode"):
+            assert f"{phase}/{name}_s" in ranges
+    outer = sum(v for k, v in ranges.items() if k.split("/")[1] in
+                ("data_s", "forward_s", "loss_s", "backward_s", "optimizer_s"))
+    assert 0 < outer <= row["train_wall_s"] + 0.05
+    assert row["video_fwd_bwd_ms"] > 0 and row["audio_batch"] == 4
+    assert 0 <= row["sync_acc_easy"] <= 1
+    import torch
+
+    import fastavts.train
+    assert not isinstance(torch.profiler.record_function, profile_demo.Ranges)   # put back
+    assert fastavts.train.make_loader.__module__ == "fastavts.data.loader"
