@@ -459,3 +459,15 @@ def test_decord_loader_skips_and_counts_a_damaged_file(one_object, tmp_path):
     assert len(batches) == len(L)
     assert all(bad not in b["clip_video"].tolist() for b in batches)
     assert L.faults[victim["id"]] >= 1 and L.fault_log[0]["video"] == victim["id"]
+
+
+def test_pyav_loader_in_the_training_process_keeps_its_threads(one_object):
+    # workers=0 reads batches in the training process: the per-worker thread limit must not
+    # reach it (it once set torch to 1 thread for the rest of the run)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        next(loader(one_object, "pyav", "loader.workers=0").epoch(0))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -35,7 +35,10 @@ class _PlannedBatches:
             self._ds.codec_threads = False
             if self.frame_reader is not None:   # another decoder (decord_loader.py)
                 self._ds = self.frame_reader(self._ds)
-            torch.set_num_threads(1)  # one core per worker: parallelism is across workers
+            if torch.utils.data.get_worker_info() is not None:
+                # one core per DataLoader worker: parallelism is across workers (with
+                # loader.workers=0 this runs in the training process: its threads stay)
+                torch.set_num_threads(1)
             self._geo = AudioGeometry(self.cfg.data)
             self._logmel = LogMel(self._geo)
         epoch, batch = divmod(self.start + i, len(self.sampler))
