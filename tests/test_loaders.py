@@ -405,6 +405,7 @@ def test_gpu_mixed_decoder_on_h264_gives_the_pyav_batches(h264_set, pipes):
         shifted = (va[:, :, 1:] - vb[:, :, :-1]).abs().mean(dim=(1, 3, 4))
         print("video err", err.mean().item(), "one frame off", shifted.mean().item())
         assert err.max() < 0.06 and (err[:, 1:] < shifted).float().mean() > 0.95
+        assert_same_crop(va, vb)   # crop_mirror_normalize's per-sample crop on the GPU
         loud = b["audio"] > -60
         aerr = (a["audio"].cpu() - b["audio"]).abs()
         print("log-mel err dB", aerr[loud].max().item())
