@@ -23,16 +23,22 @@ from .manifest import MANIFEST, REJECTED, read_jsonl
 _local = threading.local()
 
 
-def _rgb24(frame) -> np.ndarray:
-    """uint8 (H, W, 3) RGB of a decoded frame, through one reformatter per thread: the same
-    pixels as frame.to_ndarray(format="rgb24"), which sets up a new scaler context for every
-    video (measured: 226 -> 72 us a frame for 36-px VP9, ~2.5 ms while frames are cold)."""
+def reformatter():
+    """This thread's PyAV VideoReformatter, kept for its scaler context: frame.reformat and
+    frame.to_ndarray(format=...) set up a new one for every frame or video (measured: 226 -> 72
+    us a frame for 36-px VP9 to RGB, 280 us - 4 ms -> 50-100 us for prepare's resize), with the
+    same pixels. Used by the readers here and by prepare."""
     from av.video.reformatter import VideoReformatter
 
     rf = getattr(_local, "reformatter", None)
     if rf is None:
         rf = _local.reformatter = VideoReformatter()
-    return rf.reformat(frame, format="rgb24").to_ndarray()
+    return rf
+
+
+def _rgb24(frame) -> np.ndarray:
+    """uint8 (H, W, 3) RGB of a decoded frame (frame.to_ndarray(format="rgb24")'s pixels)."""
+    return reformatter().reformat(frame, format="rgb24").to_ndarray()
 
 
 class Dataset:
