@@ -320,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder")
     p.add_argument("--videos", type=int, help="number of videos (default 64)")
     p.add_argument("--seed", type=int, help="seed (default 0)")
-    p.add_argument("--codec", choices=("vp9", "h264"), help="vp9 (CPU decoding) or h264 (GPU)")
+    p.add_argument("--codec", choices=("vp9", "h264", "mjpeg"),
+                   help="vp9 (CPU decoding), h264 (GPU) or mjpeg (a near-lossless source for "
+                        "prepare)")
     p.add_argument("--min-duration", type=float, help="shortest video in s (default 4)")
     p.add_argument("--max-duration", type=float, help="longest video in s (default 12)")
     p.add_argument("--workers", type=int, help="processes (default: one per core)")

@@ -80,7 +80,9 @@ class SynthConfig:
     videos: int = _f(64, "number of videos", min=1)
     seed: int = _f(0, "base seed; video i depends only on (seed, i)", min=0)
     codec: str = _f("vp9", "vp9: webm VP9+Opus (DALI decodes it on the CPU); "
-                    "h264: mp4 H.264+AAC (GPU decoding)", choices=("vp9", "h264"))
+                    "h264: mp4 H.264+AAC (GPU decoding); mjpeg: mkv MJPEG+PCM, near-lossless "
+                    "and fastest to write and read: a source for prepare (the CPU demo's)",
+                    choices=("vp9", "h264", "mjpeg"))
     fps: float = _f(25.0, "frame rate of the generated videos", min=1, max=120)
     width: int = _f(128, "frame width in pixels (even); square frames keep every sounding "
                     "object inside a square training crop", min=32, max=1920)

@@ -94,7 +94,9 @@ def prepare_demo_data(cfg: Config, root: Path = Path("data/demo"), progress: boo
                           ("heldout", cfg.train.demo_heldout, cfg.synth.seed + 1000)):
         c = copy.deepcopy(cfg)
         c.synth.videos, c.synth.seed = n, seed
-        c.synth.codec = "h264" if cfg.prepare.codec == "h264" else "vp9"
+        # the CPU demo's sources are MJPEG + PCM: written and read faster than VP9 + Opus, and
+        # prepare re-encodes them to VP9 anyway; the GPU preset's H.264 goes through as it is
+        c.synth.codec = "h264" if cfg.prepare.codec == "h264" else "mjpeg"
         synthesize(root / f"synth_{name}", c, progress=progress)
         prepare(root / f"synth_{name}", root / name, c, progress=progress,
                 command=f"fastavts train (demo data: {name})")

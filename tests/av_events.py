@@ -18,7 +18,10 @@ def decode_all(path):
         for f in c.decode(audio=0):
             if t0 is None:
                 t0, sr = f.time, f.sample_rate
-            chunks.append(f.to_ndarray().mean(0))
+            x = f.to_ndarray()
+            if np.issubdtype(x.dtype, np.integer):   # PCM (synth.codec=mjpeg): to [-1, 1)
+                x = x / float(np.iinfo(x.dtype).max + 1)
+            chunks.append(x.mean(0))
     audio = np.concatenate(chunks).astype(np.float32)
     if t0 and t0 > 0:  # place sample 0 at time 0
         audio = np.concatenate([np.zeros(int(round(t0 * sr)), np.float32), audio])

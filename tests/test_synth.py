@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fastavts.config import build_config
-from fastavts.data.synth import KINDS, synthesize
+from fastavts.data.synth import KINDS, generate_video, synthesize
 
 from av_events import decode_all, floor_contacts, sound_onsets
 from conftest import small_cfg
@@ -17,7 +17,7 @@ from conftest import small_cfg
 
 def digest(folder: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.iterdir()) if p.suffix in (".webm", ".mp4", ".json")}
+            for p in sorted(folder.iterdir()) if p.suffix in (".webm", ".mp4", ".mkv", ".json")}
 
 
 def test_same_seed_same_files_other_seed_other_files(tmp_path, synth_dir):
@@ -54,7 +54,29 @@ def test_files_are_real_media_with_labels(synth_dir):
         assert {o["kind"] for o in meta["objects"]} == set(meta["kinds"])
 
 
-@pytest.fixture(scope="module", params=["vp9", "h264"])
+def test_mjpeg_source_holds_the_generated_picture_and_samples(tmp_path):
+    """synth.codec=mjpeg (the CPU demo's source for prepare): Matroska with MJPEG and 16-bit PCM;
+    decoded, the sound is the generator's to the 16-bit step and the picture within JPEG-at-
+    the-finest-quantiser error of the generator's frames (VP9 at its settings: ~31-33 dB)."""
+    cfg = small_cfg("synth.videos=2", "synth.codec=mjpeg", "synth.workers=1", "synth.seed=3")
+    synthesize(tmp_path, cfg, progress=False)
+    for i in range(2):
+        meta = json.loads((tmp_path / f"synth_{i:06d}.json").read_text())
+        assert meta["file"].endswith(".mkv")
+        frames_ref, audio_ref, _ = generate_video(i, cfg.synth)
+        with av.open(str(tmp_path / meta["file"])) as c:
+            assert (c.streams.video[0].codec_context.name,
+                    c.streams.audio[0].codec_context.name) == ("mjpeg", "pcm_s16le")
+            assert c.streams.audio[0].sample_rate == cfg.synth.sample_rate
+        frames, _, audio, sr = decode_all(tmp_path / meta["file"])
+        assert sr == cfg.synth.sample_rate and frames.shape == frames_ref.shape
+        assert len(audio) == len(audio_ref)
+        assert np.abs(audio - audio_ref).max() <= 1 / 32768 + 1e-7
+        mse = np.mean((frames.astype(np.float64) - frames_ref) ** 2)
+        assert 10 * np.log10(255 ** 2 / mse) > 30
+
+
+@pytest.fixture(scope="module", params=["vp9", "h264", "mjpeg"])
 def one_object_set(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"one_{request.param}")
     cfg = build_config(overrides=[

@@ -38,12 +38,21 @@ class AudioGeometry:
         self.floor_db = d.log_floor_db
 
 
-def audio_window(bank, record: dict, t0: float, geo: AudioGeometry) -> np.ndarray:
+def window_start(record: dict, t0: float, geo: AudioGeometry) -> int:
+    """Bank sample (from the video's first sample) where the window for video time t0 starts,
+    its STFT context included; may lie before 0 or past the end (zeros are read there)."""
+    return int(round((t0 - record["audio_start"]) * geo.sr)) - geo.context
+
+
+def audio_window(bank, record: dict, t0: float, geo: AudioGeometry,
+                 length: int | None = None) -> np.ndarray:
     """float32 (geo.length,) samples for the window starting at video time t0 (context
-    included); zeros outside the recorded sound. `bank` is an AudioBank."""
-    first = int(round((t0 - record["audio_start"]) * geo.sr)) - geo.context
-    out = np.zeros(geo.length, np.float32)
-    lo, hi = max(first, 0), min(first + geo.length, record["audio_samples"])
+    included); zeros outside the recorded sound. `bank` is an AudioBank. `length`: read that
+    many samples instead (the memory loader reads a whole video's sound this way)."""
+    first = window_start(record, t0, geo)
+    length = geo.length if length is None else length
+    out = np.zeros(length, np.float32)
+    lo, hi = max(first, 0), min(first + length, record["audio_samples"])
     if hi > lo:
         off = record["audio_offset"]
         out[lo - first:hi - first] = bank.pcm[off + lo:off + hi] * np.float32(1 / 32768)

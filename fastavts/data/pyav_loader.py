@@ -48,9 +48,12 @@ class _PlannedBatches:
 
 
 def build_batch(ds, videos: list[dict], plan: dict, d, geo: AudioGeometry, logmel,
-                rng=None) -> dict:
+                rng=None, audio_features=None) -> dict:
     """Decode and transform one planned batch (the reference path). `rng(name)`: an optional
-    named-range context (profiler / NVTX) around decoding and the audio features."""
+    named-range context (profiler / NVTX) around decoding and the audio features.
+    `audio_features(plan)`: the (M, 1, n_mels, frames) log-mel of the plan's windows from
+    somewhere else (the memory loader's per-video cache); default: each window read from the
+    bank and transformed here."""
     import torch
 
     rng = rng or (lambda name: nullcontext())
@@ -72,9 +75,12 @@ def build_batch(ds, videos: list[dict], plan: dict, d, geo: AudioGeometry, logme
                 clips[i] = clips[j]
         video = torch.stack([clips[i] for i in range(len(clips))])
     with rng("audio_features"):
-        windows = np.stack([audio_window(ds.bank, videos[vi], t, geo)
-                            for vi, t in zip(plan["audio_video"], plan["audio_t0"])])
-        audio = logmel(torch.from_numpy(windows))
+        if audio_features is not None:
+            audio = audio_features(plan)
+        else:
+            windows = np.stack([audio_window(ds.bank, videos[vi], t, geo)
+                                for vi, t in zip(plan["audio_video"], plan["audio_t0"])])
+            audio = logmel(torch.from_numpy(windows))
     out = dict(video=video, audio=audio, **plan_meta(plan))
     out["fault_errors"] = {int(i): e for i, e in bad.items()}
     return out

@@ -239,6 +239,16 @@ def generate_video(index: int, cfg: SynthConfig):
     bg = np.clip(bg, 0, 255)
 
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float32) + 0.5
+
+    def draw(img, shape, cy, cx, r, colour):
+        # every shape lies within r of its centre: test only the pixels of that box (the
+        # same comparisons on the same pixel centres as over the whole frame, ~15x fewer)
+        y0, y1 = max(0, int(np.floor(cy - r)) - 1), min(H, int(np.ceil(cy + r)) + 1)
+        x0, x1 = max(0, int(np.floor(cx - r)) - 1), min(W, int(np.ceil(cx + r)) + 1)
+        if y1 > y0 and x1 > x0:
+            box = img[y0:y1, x0:x1]
+            box[_shape_mask(shape, yy[y0:y1, x0:x1], xx[y0:y1, x0:x1], cy, cx, r)] = colour
+
     frames = np.empty((n_frames, H, W, 3), np.uint8)
     for k in range(n_frames):
         t = k / fps
@@ -246,11 +256,11 @@ def generate_video(index: int, cfg: SynthConfig):
         for d in distractors:  # drawn first: sounding objects pass in front of them
             cx = _triangle(d["x0"], d["vx"], d["r"], W - d["r"], t)
             cy = _triangle(d["y0"], d["vy"], top_y + d["r"], floor_y * 0.75, t)
-            img[_shape_mask(d["shape"], yy, xx, cy, cx, d["r"])] = d["colour"]
+            draw(img, d["shape"], cy, cx, d["r"], d["colour"])
         for o in objects:
             cx = _triangle(o["x0"], o["vx"], x_lo + o["r"], x_hi - o["r"], t)
             cy = float(o["y"](t)) - o["r"]  # bottom on the floor at an impact
-            img[_shape_mask(o["shape"], yy, xx, cy, cx, o["r"])] = o["colour"]
+            draw(img, o["shape"], cy, cx, o["r"], o["colour"])
         frames[k] = img.astype(np.uint8)
 
     n_samples = int(round(duration * sr))
@@ -280,8 +290,13 @@ def generate_video(index: int, cfg: SynthConfig):
 
 
 def encode(path: Path, frames: np.ndarray, audio: np.ndarray, fps: float, sr: int, codec: str):
-    """Write a real media file: webm VP9 + Opus, or mp4 H.264 + AAC. Single-threaded codecs,
-    so that the same input gives the same bytes."""
+    """Write a real media file: webm VP9 + Opus, mp4 H.264 + AAC, or mkv MJPEG + 16-bit PCM.
+    Single-threaded codecs, so that the same input gives the same bytes.
+
+    mjpeg is a source for `prepare` rather than a training format: JPEG at the finest
+    quantiser (near-lossless) and the exact samples, written ~4x and read ~2x faster than VP9 +
+    Opus (one 128-px demo video: 0.12 + 0.04 s against 0.40 + 0.09 s on the 2-core dev machine);
+    the CPU demo's sets are made this way and prepared to VP9."""
     import av
 
     rate = Fraction(fps).limit_denominator(100000)
@@ -292,11 +307,18 @@ def encode(path: Path, frames: np.ndarray, audio: np.ndarray, fps: float, sr: in
                 "lag-in-frames": "0", "threads": "1"})
             as_ = c.add_stream("libopus", rate=48000 if sr not in (8000, 12000, 16000, 24000) else sr,
                                layout="mono", options={"b": "96000"})
-        else:
+        elif codec == "mjpeg":
+            vs = c.add_stream("mjpeg", rate=rate, options={"threads": "1"})
+            vs.codec_context.qmin = vs.codec_context.qmax = 1   # the finest quantiser
+            as_ = c.add_stream("pcm_s16le", rate=sr, layout="mono")
+        elif codec == "h264":
             vs = c.add_stream("libx264", rate=rate, options={
                 "preset": "veryfast", "crf": "18", "threads": "1", "bf": "0"})
             as_ = c.add_stream("aac", rate=sr, layout="mono", options={"b": "128000"})
-        vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        else:
+            raise ValueError(f"synth: unknown codec {codec!r}; use vp9, h264 or mjpeg")
+        vs.width, vs.height = frames.shape[2], frames.shape[1]
+        vs.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         vs.codec_context.gop_size = 25
         vs.codec_context.flags |= av.codec.context.Flags.bitexact
         for i, f in enumerate(frames):
@@ -313,6 +335,19 @@ def encode(path: Path, frames: np.ndarray, audio: np.ndarray, fps: float, sr: in
         else:
             resampler = None
         chunk = 960 if codec == "vp9" else 1024
+        if codec == "mjpeg":   # PCM: the samples themselves, rounded to 16 bits
+            pcm = np.round(np.clip(audio, -1.0, 32767 / 32768) * 32768).astype(np.int16)
+            for i in range(0, len(pcm), chunk):
+                fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm[None, i:i + chunk]),
+                                                format="s16", layout="mono")
+                fr.sample_rate = sr
+                fr.pts = i
+                fr.time_base = Fraction(1, sr)
+                for p in as_.encode(fr):
+                    c.mux(p)
+            for p in as_.encode():
+                c.mux(p)
+            return
         if resampler is not None:
             frame = av.AudioFrame.from_ndarray(audio[None, :], format="flt", layout="mono")
             frame.sample_rate = sr
@@ -333,6 +368,9 @@ def encode(path: Path, frames: np.ndarray, audio: np.ndarray, fps: float, sr: in
             c.mux(p)
 
 
+EXTENSION = {"vp9": "webm", "h264": "mp4", "mjpeg": "mkv"}
+
+
 def video_name(index: int) -> str:
     return f"synth_{index:06d}"
 
@@ -340,7 +378,7 @@ def video_name(index: int) -> str:
 def _make_one(args):
     index, cfg_dict, out = args
     cfg = SynthConfig(**cfg_dict)
-    ext = "webm" if cfg.codec == "vp9" else "mp4"
+    ext = EXTENSION[cfg.codec]
     name = video_name(index)
     final = Path(out) / f"{name}.{ext}"
     sidecar = Path(out) / f"{name}.json"
