@@ -231,6 +231,9 @@ class LossConfig:
                                "sampler.pairs=inbatch, infonce)", choices=("auto", "on", "off"))
     margin: float = _f(1.0, "contrastive margin on the distance", min=0.0)
     temperature: float = _f(0.1, "InfoNCE temperature", min=1e-4, max=100.0)
+    symmetric: bool = _f(False, "infonce: also each audio window against the batch's clips "
+                         "(the same pairs read by column, CLIP-style); the loss is the mean of "
+                         "both directions")
     sync_tol: float = _f(0.02, "inbatch: a window this close to the clip's start is aligned",
                          min=0.0)
 
@@ -578,6 +581,10 @@ def validate(cfg: Config) -> None:
     if len(ps) != 3 or not all(isinstance(x, int) and x >= 0 for x in ps) or ps[2] < 1:
         raise ConfigError(f"train.profile_steps must be [wait, warmup, active] whole numbers "
                           f"with active >= 1, got {list(ps)}.")
+    if cfg.loss.symmetric and cfg.loss.kind != "infonce":
+        raise ConfigError(f"loss.symmetric=true reads InfoNCE's pairs both ways; loss.kind="
+                          f"{cfg.loss.kind} has no such reading: use loss.kind=infonce or "
+                          f"loss.symmetric=false.")
     if cfg.loss.impl == "triton" and cfg.loss.kind == "ce":
         raise ConfigError("loss.impl=triton: the fused kernels compute loss.kind=contrastive and "
                           "infonce; loss.kind=ce has the reference only (use impl=auto).")

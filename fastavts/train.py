@@ -88,9 +88,15 @@ def compute_loss(model, cfg: Config, batch: dict, v, a, fv, fa, group=None):
     # every rank's windows fit this: the batch's size, times the windows per clip
     capacity = cfg.loader.batch_size * windows_per_clip(cfg)
     if lk.kind == "infonce":
-        return inbatch_infonce_loss(v, a, *ids, temperature=lk.temperature,
-                                    hard_min_shift=sm.hard_min_shift, sync_tol=lk.sync_tol,
-                                    impl=lk.impl, group=group, gather_capacity=capacity)
+        kw = dict(temperature=lk.temperature, hard_min_shift=sm.hard_min_shift,
+                  sync_tol=lk.sync_tol, impl=lk.impl, group=group)
+        loss = inbatch_infonce_loss(v, a, *ids, gather_capacity=capacity, **kw)
+        if lk.symmetric:   # rows are now windows, columns (gathered under DDP) the clips
+            cv, ct, av, at = ids
+            loss = 0.5 * (loss + inbatch_infonce_loss(a, v, av, at, cv, ct,
+                                                      gather_capacity=cfg.loader.batch_size,
+                                                      **kw))
+        return loss
     if sm.pairs == "paired":
         own = batch["audio_owner"].to(dev)
         return paired_contrastive_loss(v[own], a, batch["label"].to(dev), margin=lk.margin,

@@ -84,3 +84,60 @@ def test_infonce_by_hand():
     t = 0.5
     want = -math.log(math.exp(-1 / t) / (math.exp(-1 / t) + math.exp(-4 / t)))
     assert infonce_loss(v, a, kinds, temperature=t).item() == pytest.approx(want, rel=1e-4)
+
+
+def _infonce_both_ways_float64(v, a, kinds, t):
+    """Plain float64: InfoNCE over rows (clips) and over columns (windows) of the kinds
+    matrix, each the mean over the lines that hold a positive; returns (rows, columns)."""
+    d2 = ((v.double()[:, None, :] - a.double()[None, :, :]) ** 2).sum(-1)
+    logits = -d2 / t
+    kept, pos = kinds != IGNORED, kinds == POS
+
+    def one_way(lg, kp, ps):
+        out = []
+        for i in range(lg.shape[0]):
+            if ps[i].any():
+                out.append(torch.logsumexp(lg[i][kp[i]], 0) - torch.logsumexp(lg[i][ps[i]], 0))
+        return torch.stack(out).mean()
+    return one_way(logits, kept, pos), one_way(logits.T, kept.T, pos.T)
+
+
+def test_symmetric_infonce_is_the_mean_of_both_directions():
+    """loss.symmetric: the trainer's loss = (rows + columns) / 2 of an independent float64
+    computation, value and gradients; columns without a positive clip (a window of a video with
+    no clip in the batch) and ignored pairs (near-aligned) are left out as in rows."""
+    from fastavts.config import build_config
+    from fastavts.train import compute_loss
+
+    cfg = build_config(overrides=["loss.kind=infonce", "sampler.pairs=inbatch",
+                                  "loss.symmetric=true", "loss.impl=reference",
+                                  "loss.temperature=0.3"])
+    g = torch.Generator().manual_seed(3)
+    clip_video = torch.tensor([0, 0, 1, 1, 2, 3, 3])
+    clip_t0 = torch.tensor([0.0, 2.0, 1.0, 1.2, 0.4, 0.0, 0.3])
+    # each clip's own window, then a shifted window of video 1 and one of video 5 (no clip)
+    audio_video = torch.cat([clip_video, torch.tensor([1, 5])])
+    audio_t0 = torch.cat([clip_t0, torch.tensor([3.0, 0.0])])
+    v = torch.randn(7, 5, generator=g, requires_grad=True)
+    a = torch.randn(9, 5, generator=g, requires_grad=True)
+    batch = dict(clip_video=clip_video, clip_t0=clip_t0, audio_video=audio_video,
+                 audio_t0=audio_t0)
+    got = compute_loss(None, cfg, batch, v, a, None, None)
+    kinds = pair_kinds(clip_video, clip_t0, audio_video, audio_t0,
+                       cfg.sampler.hard_min_shift, cfg.loss.sync_tol)
+    assert (kinds == IGNORED).any() and (kinds == HARD).any()   # the case covers both
+    rows, cols = _infonce_both_ways_float64(v, a, kinds, 0.3)
+    want = 0.5 * (rows + cols)
+    assert abs(rows.item() - cols.item()) > 1e-3     # the two directions differ here
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    gv, ga = torch.autograd.grad(got, (v, a))
+    wv, wa = torch.autograd.grad(want, (v, a))
+    torch.testing.assert_close(gv, wv, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ga, wa, rtol=1e-4, atol=1e-6)
+
+
+def test_symmetric_needs_infonce():
+    from fastavts.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="loss.symmetric"):
+        build_config(overrides=["loss.kind=contrastive", "loss.symmetric=true"])
