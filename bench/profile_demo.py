@@ -18,7 +18,6 @@ Prints the table and appends one row to bench/results/demo_profile.jsonl.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import tempfile
@@ -93,7 +92,7 @@ def main(argv=None) -> int:
     from fastavts.config import build_config
     from fastavts.data.prepare import prepare
     from fastavts.data.synth import synthesize
-    from fastavts.demo import preset
+    from fastavts.demo import demo_sets, preset
 
     cuda = torch.cuda.is_available()
     cfg = build_config(overrides=args.overrides, base=preset(cuda))
@@ -104,11 +103,7 @@ def main(argv=None) -> int:
     row: dict = dict(bench="demo_profile", overrides=args.overrides, device="cuda" if cuda else "cpu")
 
     # --- data: the demo's two sets, as prepare_demo_data makes them
-    for name, n, seed in (("train", cfg.train.demo_videos, cfg.synth.seed),
-                          ("heldout", cfg.train.demo_heldout, cfg.synth.seed + 1000)):
-        c = copy.deepcopy(cfg)
-        c.synth.videos, c.synth.seed = n, seed
-        c.synth.codec = "h264" if cfg.prepare.codec == "h264" else "vp9"
+    for name, c in demo_sets(cfg):
         t = time.perf_counter()
         synthesize(root / f"synth_{name}", c, progress=False)
         row[f"synth_{name}_s"] = round(time.perf_counter() - t, 2)

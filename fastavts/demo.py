@@ -50,12 +50,27 @@ def preset(cuda: bool) -> list[str]:
     return GPU_PRESET if cuda else CPU_PRESET
 
 
+def demo_sets(cfg: Config) -> list[tuple[str, Config]]:
+    """The demo's two synthetic sets, ("train" | "heldout", the config that makes it)."""
+    import copy
+
+    out = []
+    for name, n, seed in (("train", cfg.train.demo_videos, cfg.synth.seed),
+                          ("heldout", cfg.train.demo_heldout, cfg.synth.seed + 1000)):
+        c = copy.deepcopy(cfg)
+        c.synth.videos, c.synth.seed = n, seed
+        # the CPU demo's sources are MJPEG + PCM: written and read faster than VP9 + Opus, and
+        # prepare re-encodes them to VP9 anyway; the GPU preset's H.264 goes through as it is
+        c.synth.codec = "h264" if cfg.prepare.codec == "h264" else "mjpeg"
+        out.append((name, c))
+    return out
+
+
 def prepare_demo_data(cfg: Config, root: Path = Path("data/demo"), progress: bool = True,
                       local_rank: int = 0) -> Config:
     """Make (or reuse) the demo's train and held-out sets; returns cfg pointing at them. Under
     torchrun only each machine's local rank 0 makes them; the other processes wait for its
     marker (root/.ready, naming the settings it was made with)."""
-    import copy
     import json
 
     from .data.prepare import prepare
@@ -90,13 +105,7 @@ def prepare_demo_data(cfg: Config, root: Path = Path("data/demo"), progress: boo
     root.mkdir(parents=True, exist_ok=True)
     settings.write_text(key)
     t0 = time.perf_counter()
-    for name, n, seed in (("train", cfg.train.demo_videos, cfg.synth.seed),
-                          ("heldout", cfg.train.demo_heldout, cfg.synth.seed + 1000)):
-        c = copy.deepcopy(cfg)
-        c.synth.videos, c.synth.seed = n, seed
-        # the CPU demo's sources are MJPEG + PCM: written and read faster than VP9 + Opus, and
-        # prepare re-encodes them to VP9 anyway; the GPU preset's H.264 goes through as it is
-        c.synth.codec = "h264" if cfg.prepare.codec == "h264" else "mjpeg"
+    for name, c in demo_sets(cfg):
         synthesize(root / f"synth_{name}", c, progress=progress)
         prepare(root / f"synth_{name}", root / name, c, progress=progress,
                 command=f"fastavts train (demo data: {name})")
