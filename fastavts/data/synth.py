@@ -324,8 +324,10 @@ def encode(path: Path, frames: np.ndarray, audio: np.ndarray, fps: float, sr: in
         vs.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         vs.codec_context.gop_size = 25
         vs.codec_context.flags |= av.codec.context.Flags.bitexact
-        if codec == "mjpeg":   # converted through one scaler context (the encoder would set
-            from .dataset import reformatter   # one up per frame): a quarter of its time
+        if codec == "mjpeg":
+            # converted through one scaler context (the encoder would set one up per frame):
+            # a quarter of the encoding time
+            from .dataset import reformatter
             rf = reformatter()
         for i, f in enumerate(frames):
             vf = av.VideoFrame.from_ndarray(f, format="rgb24")
