@@ -75,9 +75,9 @@ def test_mjpeg_source_holds_the_generated_picture_and_samples(tmp_path):
         encode(tmp_path / "vp9.webm", frames_ref, audio_ref, cfg.synth.fps,
                cfg.synth.sample_rate, "vp9")
 
-        def psnr(x):
-            return 10 * np.log10(255 ** 2 / np.mean((x.astype(np.float64) - frames_ref) ** 2))
-        assert psnr(frames) > psnr(decode_all(tmp_path / "vp9.webm")[0]) - 0.5 > 25
+        psnr = [10 * np.log10(255 ** 2 / np.mean((x.astype(np.float64) - frames_ref) ** 2))
+                for x in (frames, decode_all(tmp_path / "vp9.webm")[0])]
+        assert psnr[0] > psnr[1] - 0.5 > 25
 
 
 @pytest.fixture(scope="module", params=["vp9", "h264", "mjpeg"])
