@@ -208,6 +208,9 @@ class ModelConfig:
                     choices=("auto", "default", "tiny"))
     dim: int = _f(128, "embedding size of both projections", min=2)
     tiny_width: int = _f(8, "tiny towers: width of the first stage (then x2, x4, x8)", min=2)
+    tiny_stem_stride: int = _f(2, "tiny video tower: spatial stride of its stem (4 puts the "
+                               "first stage at a quarter of the crop's side: the tower ~2.5x "
+                               "cheaper on a CPU)", choices=(2, 4))
     time_bins: int = _f(0, "keep this many time steps in both towers' features before the "
                         "projection (0 = global pooling); at most what the video net keeps "
                         "(R(2+1)D-18/R3D-18: clip_frames / 8; MC3-18, tiny: clip_frames)", min=0)

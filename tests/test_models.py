@@ -74,3 +74,30 @@ def test_time_bins_beyond_what_a_net_keeps_are_refused():
                                   "model.time_bins=4", "data.clip_frames=16"])
     with pytest.raises(ConfigError, match=r"model.time_bins=4: r2plus1d_18 keeps 2 time step"):
         AVTS.from_config(cfg)
+
+
+def test_tiny_stem_stride_4_runs_the_first_stage_at_a_quarter_of_the_side():
+    """model.tiny_stem_stride=4: the stem's spatial convolution strides 4 (the same as a plain
+    strided conv3d with its weights), so the first stage sees crop/4 x crop/4; the config
+    reaches the net through AVTS.from_config."""
+    import torch.nn.functional as F
+
+    from fastavts.config import build_config
+
+    cfg = build_config(overrides=["model.video=tiny", "model.audio=tiny", "data.crop=32",
+                                  "model.tiny_stem_stride=4", "model.time_bins=4",
+                                  "data.clip_frames=8"])
+    m = AVTS.from_config(cfg)
+    net = m.video_net
+    seen = {}
+    net.layer1.register_forward_hook(lambda mod, i, o: seen.update(layer1=o.shape))
+    x = torch.randn(2, 3, 8, 32, 32, requires_grad=True)
+    want_stem = F.conv3d(x, net.stem[0].weight, stride=(1, 4, 4), padding=(0, 3, 3))
+    torch.testing.assert_close(net.stem[0](x), want_stem)
+    v, _, fv, _ = m(x, torch.randn(2, 1, 64, 128))
+    assert seen["layer1"][-2:] == (8, 8) and seen["layer1"][2] == 8   # every frame kept
+    assert fv.shape == (2, net.out_dim) and net.out_dim == 64 * 4
+    v.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert AVTS.from_config(build_config(overrides=["model.video=tiny", "model.audio=tiny"])) \
+        .video_net.stem[0].stride == (1, 2, 2)   # the default is R(2+1)D's
