@@ -27,6 +27,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from fractions import Fraction
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,15 @@ def impact_sound(kind: str, sr: int, rng: np.random.Generator) -> np.ndarray:
     return (s / (np.abs(s).max() + 1e-9)).astype(np.float32)
 
 
+@lru_cache(maxsize=4)
+def _red_kernel_spectrum(taps: int, size: int) -> np.ndarray:
+    """rfft of the one-pole low-pass's first `taps` taps (pole 0.995), zero-padded to `size`
+    (a power of two: the few sizes the videos need, each computed once)."""
+    out = np.fft.rfft(0.995 ** np.arange(taps), size)
+    out.flags.writeable = False
+    return out
+
+
 def background(n: int, sr: int, level_db: float, rng: np.random.Generator) -> np.ndarray:
     """Stationary noise (white + brown-ish) and a hum: level only, no timing information."""
     white = rng.standard_normal(n)
@@ -113,10 +123,9 @@ def background(n: int, sr: int, level_db: float, rng: np.random.Generator) -> np
     # (The 2000-tap convolution runs through the FFT: np.convolve took a third of the demo's
     # synthesis time.)
     warm = 2000
-    kernel = 0.995 ** np.arange(warm)
     size = 1 << (n + 2 * warm - 2).bit_length()     # >= the full convolution's length
     red = np.fft.irfft(np.fft.rfft(rng.standard_normal(n + warm), size) *
-                       np.fft.rfft(kernel, size), size)[warm:warm + n]
+                       _red_kernel_spectrum(warm, size), size)[warm:warm + n]
     red /= red.std() + 1e-9
     t = np.arange(n) / sr
     hum = np.sin(2 * np.pi * rng.uniform(50, 120) * t + rng.uniform(0, 6.28))
