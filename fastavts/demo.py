@@ -17,9 +17,13 @@ forward + backward ~2/3 of it, the log-mel of 64 windows ~17 ms), the first epoc
 98.97 % / 97.24 %. Now: 32-px crops (the video tower 2.6x cheaper), the other clip of the same
 video as the hard negative (no extra audio window: half the audio tower and log-mel), videos
 decoded up front on both cores through one reused scaler context: ~170 ms a step, 476 s for
-98.97 % / 97.50 % (AUC 0.9998 / 0.9899). The in-memory loader: the 160 training videos fit in
-0.11 GiB decoded, so each is decoded once and batches are cut from RAM; channels_last_3d is
-slower for these tiny convs on this CPU, so the CPU preset turns it off.
+98.97 % / 97.50 % (AUC 0.9998 / 0.9899). Then: the sets written as MJPEG + PCM sources for
+prepare (demo_sets) and rendered over each shape's box only, the log-mel cut from each video's
+whole-sound log-mel (the memory loader's _LogMelCache): data ~40 s, ~145 ms a step, nearly all
+of it the towers. The in-memory loader: the 160 training videos fit in 0.11 GiB decoded, so
+each is decoded once and batches are cut from RAM; channels_last_3d is slower for these tiny
+convs on this CPU, so the CPU preset turns it off. What else was tried against the 300-s target
+(a cheaper video stem, fewer steps, more videos, other rates and losses): docs/training.md.
 """
 from __future__ import annotations
 
