@@ -5,8 +5,8 @@ train, and evaluate sync on held-out synthetic videos.
     data/demo/synth_heldout -> prepare -> data/demo/heldout   (train.demo_heldout, other seed)
 
 The preset below sits under the user's YAML file and overrides: on a CPU, tiny towers keeping
-4 time bins, on 32x32 crops (of 36-px frames) of 8 frames taken every 4th (still the 1.28 s
-window), InfoNCE over in-batch pairs with a video's two clips in the same batch (each clip's
+4 time bins, the video tower's stem striding 4 (its first stage at 8x8), on 32x32 crops (of
+36-px frames) of 8 frames taken every 4th (still the 1.28 s window), InfoNCE over in-batch pairs with a video's two clips in the same batch (each clip's
 sound is a hard negative for the other: sampler.group_clips), VP9, and the in-memory loader;
 on a GPU, R(2+1)D-18 on 16 x 112 x 112 with H.264 for NVDEC and DALI, the same pairing.
 
@@ -19,8 +19,10 @@ video as the hard negative (no extra audio window: half the audio tower and log-
 decoded up front on both cores through one reused scaler context: ~170 ms a step, 476 s for
 98.97 % / 97.50 % (AUC 0.9998 / 0.9899). Then: the sets written as MJPEG + PCM sources for
 prepare (demo_sets) and rendered over each shape's box only, the log-mel cut from each video's
-whole-sound log-mel (the memory loader's _LogMelCache): data ~40 s, ~145 ms a step, nearly all
-of it the towers. The in-memory loader: the 160 training videos fit in 0.11 GiB decoded, so
+whole-sound log-mel (the memory loader's _LogMelCache): data ~27 s, ~145 ms a step, nearly all
+of it the towers; and the video stem striding 4 (model.tiny_stem_stride): the video tower 84 ->
+~40 ms forward + backward, ~95 ms a step, ~255 s for the whole demo at the same accuracy within
+the spread of seeds (docs/training.md). The in-memory loader: the 160 training videos fit in 0.11 GiB decoded, so
 each is decoded once and batches are cut from RAM; channels_last_3d is slower for these tiny
 convs on this CPU, so the CPU preset turns it off. What else was tried against the 300-s target
 (a cheaper video stem, fewer steps, more videos, other rates and losses): docs/training.md.
@@ -35,6 +37,7 @@ from .config import Config
 CPU_PRESET = [
     "data.clip_frames=8", "data.frame_stride=4", "data.crop=32", "prepare.short_side=36",
     "prepare.codec=vp9", "model.video=tiny", "model.audio=tiny", "model.time_bins=4",
+    "model.tiny_stem_stride=4",
     "loss.kind=infonce", "sampler.pairs=inbatch", "sampler.k=0", "sampler.group_clips=true",
     "sampler.curriculum=[[0.0,1.0]]",
     "sampler.clips_per_video=2", "loader.kind=memory", "loader.batch_size=32", "train.lr=0.003",
