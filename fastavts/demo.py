@@ -6,8 +6,9 @@ train, and evaluate sync on held-out synthetic videos.
 
 The preset below sits under the user's YAML file and overrides: on a CPU, tiny towers keeping
 4 time bins, the video tower's stem striding 4 (its first stage at 8x8), on 32x32 crops (of
-36-px frames) of 8 frames taken every 4th (still the 1.28 s window), InfoNCE over in-batch pairs with a video's two clips in the same batch (each clip's
-sound is a hard negative for the other: sampler.group_clips), VP9, and the in-memory loader;
+36-px frames) of 8 frames taken every 4th (still the 1.28 s window), InfoNCE over in-batch
+pairs with a video's two clips in the same batch (each clip's sound is a hard negative for the
+other: sampler.group_clips), VP9, and the in-memory loader;
 on a GPU, R(2+1)D-18 on 16 x 112 x 112 with H.264 for NVDEC and DALI, the same pairing.
 
 Where the CPU budget goes (2-core dev machine, bench/profile_demo.py; docs/training.md has the
@@ -22,10 +23,11 @@ prepare (demo_sets) and rendered over each shape's box only, the log-mel cut fro
 whole-sound log-mel (the memory loader's _LogMelCache): data ~27 s, ~145 ms a step, nearly all
 of it the towers; and the video stem striding 4 (model.tiny_stem_stride): the video tower 84 ->
 ~40 ms forward + backward, ~95 ms a step, ~255 s for the whole demo at the same accuracy within
-the spread of seeds (docs/training.md). The in-memory loader: the 160 training videos fit in 0.11 GiB decoded, so
-each is decoded once and batches are cut from RAM; channels_last_3d is slower for these tiny
-convs on this CPU, so the CPU preset turns it off. What else was tried against the 300-s target
-(a cheaper video stem, fewer steps, more videos, other rates and losses): docs/training.md.
+the spread of seeds (docs/training.md). The in-memory loader: the 160 training videos fit in
+0.11 GiB decoded, so each is decoded once and batches are cut from RAM; channels_last_3d is
+slower for these tiny convs on this CPU, so the CPU preset turns it off. What else was tried
+against the 300-s target (smaller crops, fewer steps, more videos, other rates and losses):
+docs/training.md.
 """
 from __future__ import annotations
 
