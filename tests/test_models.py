@@ -105,3 +105,96 @@ def test_model_config_reaches_the_stem_stride():
         cfg = build_config(overrides=["model.video=tiny", "model.audio=tiny",
                                       f"model.tiny_stem_stride={s}"])
         assert AVTS.from_config(cfg).video_net.stem[0].stride == (1, s, s)
+
+
+# cases of FactorConv3d: (in, out, kernel, stride, padding, input T x H x W, bias, fast path)
+FACTOR_CASES = [
+    (5, 7, (3, 1, 1), (1, 1, 1), (1, 0, 0), (6, 5, 3), False, True),    # tiny's temporal
+    (5, 7, (3, 1, 1), (2, 1, 1), (1, 0, 0), (7, 4, 4), True, True),     # R(2+1)D's, strided
+    (4, 6, (5, 1, 1), (1, 1, 1), (2, 0, 0), (5, 1, 1), True, True),
+    (4, 3, (3, 1, 1), (1, 1, 1), (0, 0, 0), (6, 2, 3), False, True),    # no padding
+    (6, 9, (1, 3, 3), (1, 1, 1), (0, 1, 1), (5, 1, 1), False, True),    # 1 x 1 map
+    (6, 9, (1, 3, 3), (1, 2, 2), (0, 1, 1), (5, 2, 2), False, True),    # 2 x 2 -> 1 x 1
+    (6, 9, (1, 3, 3), (1, 2, 2), (0, 1, 1), (3, 1, 1), True, True),
+    (3, 4, (1, 5, 5), (1, 1, 1), (0, 2, 2), (4, 2, 1), False, False),   # 2 x 1 out: plain
+    (3, 4, (1, 5, 5), (1, 4, 4), (0, 2, 2), (4, 3, 3), True, True),     # 3 x 3 -> 1 x 1
+    (3, 4, (1, 3, 3), (1, 1, 1), (0, 1, 1), (4, 3, 2), False, False),   # ordinary map: plain
+    (3, 4, (1, 3, 3), (1, 2, 2), (0, 0, 0), (4, 4, 3), False, False),   # row 3 outside window
+    (3, 4, (3, 3, 3), (1, 1, 1), (1, 1, 1), (4, 3, 3), False, False),   # full 3D kernel
+]
+
+
+@pytest.mark.parametrize("case", FACTOR_CASES, ids=[str(i) for i in range(len(FACTOR_CASES))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_factor_conv3d_equals_conv3d_forward_and_backward(case, channels_last):
+    """FactorConv3d's 2D shortcuts against F.conv3d in float64: output, and gradients of the
+    input, the weight (taps outside the map included: zero) and the bias; the shortcut is
+    really taken where it applies (channels-last inputs always take nn.Conv3d's path)."""
+    import torch.nn.functional as F
+
+    from fastavts.models.video import FactorConv3d
+
+    cin, cout, k, s, p, (t, h, w), bias, fast = case
+    torch.manual_seed(0)
+    m = FactorConv3d(cin, cout, k, stride=s, padding=p, bias=bias).double()
+    x = torch.randn(3, cin, t, h, w, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x.requires_grad_(True)
+    w_ref = m.weight.detach().clone().requires_grad_(True)
+    b_ref = m.bias.detach().clone().requires_grad_(True) if bias else None
+    x_ref = x.detach().clone().requires_grad_(True)
+    want = F.conv3d(x_ref, w_ref, b_ref, s, p)
+    if fast and not channels_last:
+        m._conv_forward = lambda *a: pytest.fail("the 2D shortcut was not taken")
+    got = m(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(want)
+    got.backward(g)
+    want.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m.weight.grad, w_ref.grad, rtol=1e-12, atol=1e-12)
+    if bias:
+        torch.testing.assert_close(m.bias.grad, b_ref.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("widths,stem_stride,momentum", [((8, 16, 32, 64), 2, 0.1),
+                                                         ((8, 16, 32, 64), 2, None),
+                                                         ((6, 10, 12, 14), 1, 0.3)])
+def test_audio_net_folded_input_bn_equals_the_plain_bn_then_conv(widths, stem_stride, momentum):
+    """AudioNet.forward folds the input BN's affine step into the first convolution; against
+    the plain Sequential (input BN -> conv -> ...) in float64 over three training steps and
+    then in eval mode: outputs, every parameter's gradient, the running statistics."""
+    import copy
+
+    torch.manual_seed(0)
+    net = AudioNet(widths, time_bins=2, stem_stride=stem_stride).double()
+    net.features[0].momentum = momentum
+    with torch.no_grad():   # a BN that is not the identity at the start
+        net.features[0].weight.fill_(1.7)
+        net.features[0].bias.fill_(-0.4)
+    ref = copy.deepcopy(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05)
+    for _ in range(3):
+        x = 3.0 * torch.randn(4, 1, 24, 38, dtype=torch.float64) + 5.0
+        got = net(x)
+        want = ref.pool(ref.features(x)).flatten(1)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        g = torch.randn_like(want)
+        opt.zero_grad()
+        opt_ref.zero_grad()
+        got.backward(g)
+        want.backward(g)
+        for (name, p), p_ref in zip(net.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-10, msg=name)
+        opt.step()
+        opt_ref.step()
+    for (name, b), b_ref in zip(net.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, b_ref, rtol=1e-12, atol=1e-12, msg=name)
+    net.eval()
+    ref.eval()
+    x = torch.randn(2, 1, 24, 38, dtype=torch.float64)
+    torch.testing.assert_close(net(x), ref.pool(ref.features(x)).flatten(1), rtol=1e-10,
+                               atol=1e-10)

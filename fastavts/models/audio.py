@@ -4,12 +4,34 @@ Input (B, 1, n_mels, frames) (64 x 128 for a 1.28 s window); four stages of two 
 BN + ReLU, each but the last followed by 2x2 max pooling; global average pooling -> (B, C).
 `stem_stride=2` (the tiny net) strides the first convolution: the full-resolution stage was
 over half of a CPU training step of the demo, and 20 ms steps still resolve a 40 ms frame.
+
+The input BN's scale g and shift b are folded into the first convolution's weight W,
+conv(g * xhat + b, W) = conv(xhat, g * W) + conv(b * ones, W) (xhat the normalised input, the
+second term one single-image convolution: zero padding makes it vary at the borders), so the
+backward pass computes no gradient of that convolution's input, the log-mel: on a CPU that
+input gradient was the costliest single operation of the demo's step (docs/training.md, "Third
+pass"). Same parameters, buffers and state-dict keys as the plain BN -> conv.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def _normalized(bn: nn.BatchNorm2d, x):
+    """bn(x) without its affine step: the batch-norm statistics, running averages included,
+    exactly as nn.BatchNorm2d.forward keeps them."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep = not bn.training or bn.track_running_stats
+    return F.batch_norm(x, bn.running_mean if keep else None, bn.running_var if keep else None,
+                        None, None, use_batch, factor, bn.eps)
 
 
 class AudioNet(nn.Module):
@@ -35,7 +57,16 @@ class AudioNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):                      # (B, 1, n_mels, frames)
-        return self.pool(self.features(x)).flatten(1)   # (B, C)
+        bn, conv = self.features[0], self.features[1]
+        xhat = _normalized(bn, x)
+        y = F.conv2d(xhat, conv.weight * bn.weight.to(conv.weight.dtype), None, conv.stride,
+                     conv.padding)
+        ones = torch.ones((1, 1) + tuple(x.shape[2:]), dtype=y.dtype, device=y.device)
+        y = y + F.conv2d(ones * bn.bias.to(y.dtype), conv.weight.to(y.dtype), None,
+                         conv.stride, conv.padding)
+        for layer in list(self.features)[2:]:
+            y = layer(y)
+        return self.pool(y).flatten(1)   # (B, C)
 
 
 AUDIO_NETS = {"default": lambda time_bins=0: AudioNet(time_bins=time_bins),

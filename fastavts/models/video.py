@@ -12,7 +12,46 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch.nn.functional as F
 from torch import nn
+
+
+class FactorConv3d(nn.Conv3d):
+    """nn.Conv3d (same parameters, same state-dict keys) that, on the CPU, runs two cases as
+    the cheaper convolution they equal; oneDNN's 3D kernels are slow on the tiny net's shapes
+    (docs/training.md, "Third pass"):
+
+    - a temporal kernel (k, 1, 1), stride and padding in time only: a 2D convolution over
+      (time, height * width) of the same memory, (k, 1) kernel: 1.5-2x faster, forward and
+      backward, on this CPU;
+    - a spatial kernel (1, kh, kw) with a single output position whose window holds the
+      whole map (the tiny net's last stage: 2 x 2 -> 1 x 1 at stride 2, then 1 x 1 at 1): the
+      other taps meet zero padding, so it is a 1 x 1 convolution over (channel, row, column)
+      with the taps that meet the map (their gradients alone are non-zero, as in the full
+      convolution).
+
+    Anything else, channels-last inputs and every GPU input go to nn.Conv3d unchanged."""
+
+    def forward(self, x):
+        if (x.device.type == "cpu" and x.dim() == 5 and self.groups == 1
+                and self.padding_mode == "zeros" and self.dilation == (1, 1, 1)
+                and isinstance(self.padding, tuple) and x.is_contiguous()):
+            b, c, t, h, w = x.shape
+            (kt, kh, kw), (st, sh, sw), (pt, ph, pw) = self.kernel_size, self.stride, self.padding
+            o = self.out_channels
+            if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+                y = F.conv2d(x.view(b, c, t, h * w), self.weight.view(o, c, kt, 1), self.bias,
+                             (st, 1), (pt, 0))
+                return y.view(b, o, y.shape[2], h, w)
+            if ((kt, st, pt) == (1, 1, 0) and (h + 2 * ph - kh) // sh == 0
+                    and (w + 2 * pw - kw) // sw == 0 and h <= kh - ph and w <= kw - pw):
+                # one output position, its window covering the whole map: the taps that meet
+                # the map, a 1 x 1 convolution over (channel, row, column)
+                taps = self.weight[:, :, 0, ph:ph + h, pw:pw + w].reshape(o, c * h * w, 1, 1)
+                xs = x if h == w == 1 else x.permute(0, 1, 3, 4, 2)
+                y = F.conv2d(xs.reshape(b, c * h * w, t, 1), taps, self.bias)
+                return y.view(b, o, t, 1, 1)
+        return super().forward(x)
 
 
 class Conv3DSimple(nn.Conv3d):
@@ -27,7 +66,7 @@ class Conv3DSimple(nn.Conv3d):
         return stride, stride, stride
 
 
-class Conv3DNoTemporal(nn.Conv3d):
+class Conv3DNoTemporal(FactorConv3d):
     """1x3x3 spatial-only convolution (the upper layers of MC3)."""
 
     def __init__(self, in_planes: int, out_planes: int, midplanes=None, stride: int = 1):
@@ -45,12 +84,12 @@ class Conv2Plus1D(nn.Sequential):
 
     def __init__(self, in_planes: int, out_planes: int, midplanes: int, stride: int = 1):
         super().__init__(
-            nn.Conv3d(in_planes, midplanes, kernel_size=(1, 3, 3), stride=(1, stride, stride),
-                      padding=(0, 1, 1), bias=False),
+            FactorConv3d(in_planes, midplanes, kernel_size=(1, 3, 3),
+                         stride=(1, stride, stride), padding=(0, 1, 1), bias=False),
             nn.BatchNorm3d(midplanes),
             nn.ReLU(inplace=True),
-            nn.Conv3d(midplanes, out_planes, kernel_size=(3, 1, 1), stride=(stride, 1, 1),
-                      padding=(1, 0, 0), bias=False))
+            FactorConv3d(midplanes, out_planes, kernel_size=(3, 1, 1), stride=(stride, 1, 1),
+                         padding=(1, 0, 0), bias=False))
 
     @staticmethod
     def downsample_stride(stride: int):
@@ -105,8 +144,8 @@ class R2Plus1dStem(nn.Sequential):
         super().__init__(nn.Conv3d(3, mid, kernel_size=(1, 7, 7), stride=(1, 2, 2),
                                    padding=(0, 3, 3), bias=False),
                          nn.BatchNorm3d(mid), nn.ReLU(inplace=True),
-                         nn.Conv3d(mid, width, kernel_size=(3, 1, 1), stride=(1, 1, 1),
-                                   padding=(1, 0, 0), bias=False),
+                         FactorConv3d(mid, width, kernel_size=(3, 1, 1), stride=(1, 1, 1),
+                                      padding=(1, 0, 0), bias=False),
                          nn.BatchNorm3d(width), nn.ReLU(inplace=True))
 
 
