@@ -211,6 +211,10 @@ class ModelConfig:
     tiny_stem_stride: int = _f(2, "tiny video tower: spatial stride of its stem (4 puts the "
                                "first stage at a quarter of the crop's side: the tower ~2.5x "
                                "cheaper on a CPU)", choices=(2, 4))
+    tiny_stem_time_stride: int = _f(1, "tiny video tower: time stride of its stem's temporal "
+                                    "convolution (2: clips of 2n frames taken twice as often "
+                                    "cost about what n frames cost after the stem, their "
+                                    "motion seen at the finer spacing)", choices=(1, 2))
     time_bins: int = _f(0, "keep this many time steps in both towers' features before the "
                         "projection (0 = global pooling); at most what the video net keeps "
                         "(R(2+1)D-18/R3D-18: clip_frames / 8; MC3-18, tiny: clip_frames)", min=0)

@@ -26,8 +26,8 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CARD = "README.md"
 # what the model and its inputs depend on, copied to config.json's top level for readers
-_MODEL_KEYS = ("video", "audio", "dim", "tiny_width", "tiny_stem_stride", "time_bins", "normalize",
-               "embed_bn")
+_MODEL_KEYS = ("video", "audio", "dim", "tiny_width", "tiny_stem_stride", "tiny_stem_time_stride",
+               "time_bins", "normalize", "embed_bn")
 _INPUT_KEYS = ("fps", "clip_frames", "frame_stride", "crop", "mean", "std", "sample_rate",
                "n_mels", "win_ms", "hop_ms", "n_fft", "fmin", "fmax", "log_floor_db")
 

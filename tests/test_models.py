@@ -105,6 +105,33 @@ def test_model_config_reaches_the_stem_stride():
         cfg = build_config(overrides=["model.video=tiny", "model.audio=tiny",
                                       f"model.tiny_stem_stride={s}"])
         assert AVTS.from_config(cfg).video_net.stem[0].stride == (1, s, s)
+    for st in (1, 2):
+        cfg = build_config(overrides=["model.video=tiny", "model.audio=tiny",
+                                      f"model.tiny_stem_time_stride={st}"])
+        assert AVTS.from_config(cfg).video_net.stem[3].stride == (st, 1, 1)
+
+
+@pytest.mark.parametrize("frames", [16, 15, 9])
+def test_tiny_stem_time_stride_2_halves_the_time_steps_after_the_stem(frames):
+    """tiny_stem_time_stride=2: the stem's temporal convolution strides 2 (the same as a plain
+    strided conv3d of the stem's spatial output), the stages see ceil(T / 2) steps, and
+    time_steps() says so (the time_bins check relies on it)."""
+    import torch.nn.functional as F
+
+    m = AVTS("tiny", "tiny", dim=16, tiny_stem_stride=4, tiny_stem_time_stride=2)
+    net = m.video_net
+    seen = {}
+    net.layer1.register_forward_hook(lambda mod, i, o: seen.update(layer1=o.shape))
+    net.layer4.register_forward_hook(lambda mod, i, o: seen.update(layer4=o.shape))
+    x = torch.randn(2, 3, frames, 32, 32, requires_grad=True)
+    mid = net.stem[2](net.stem[1](net.stem[0](x)))
+    torch.testing.assert_close(net.stem[3](mid), F.conv3d(mid, net.stem[3].weight,
+                                                          stride=(2, 1, 1), padding=(1, 0, 0)))
+    v, _, _, _ = m(x, torch.randn(2, 1, 64, 128))
+    assert seen["layer1"][2] == seen["layer4"][2] == -(-frames // 2) == net.time_steps(frames)
+    v.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert AVTS("tiny", "tiny").video_net.time_steps(frames) == frames   # default: every frame
 
 
 # cases of FactorConv3d: (in, out, kernel, stride, padding, input T x H x W, bias, fast path)

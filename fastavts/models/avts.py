@@ -30,7 +30,8 @@ def projection(c_in: int, dim: int, batchnorm: bool = False) -> nn.Module:
 class AVTS(nn.Module):
     def __init__(self, video: str = "r2plus1d_18", audio: str = "default", dim: int = 128,
                  normalize: bool = True, classifier: bool = False, tiny_width: int = 8,
-                 time_bins: int = 0, embed_bn: bool = False, tiny_stem_stride: int = 2):
+                 time_bins: int = 0, embed_bn: bool = False, tiny_stem_stride: int = 2,
+                 tiny_stem_time_stride: int = 1):
         super().__init__()
         if video not in VIDEO_NETS:
             raise ValueError(f"unknown video net {video!r}; choose one of {', '.join(VIDEO_NETS)}")
@@ -38,7 +39,9 @@ class AVTS(nn.Module):
             raise ValueError(f"unknown audio net {audio!r}; choose one of {', '.join(AUDIO_NETS)}")
         widths = tuple(tiny_width * k for k in (1, 2, 4, 8))
         self.video_net = (VIDEO_NETS[video](widths=widths, time_bins=time_bins,
-                                            stem_stride=tiny_stem_stride) if video == "tiny"
+                                            stem_stride=tiny_stem_stride,
+                                            stem_time_stride=tiny_stem_time_stride)
+                          if video == "tiny"
                           else VIDEO_NETS[video](time_bins=time_bins))
         self.audio_net = (AUDIO_NETS[audio](widths, time_bins=time_bins) if audio == "tiny"
                           else AUDIO_NETS[audio](time_bins=time_bins))
@@ -85,7 +88,8 @@ class AVTS(nn.Module):
         m = cfg.model
         model = cls(m.video, m.audio, m.dim, m.normalize, classifier=cfg.loss.kind == "ce",
                     tiny_width=m.tiny_width, time_bins=m.time_bins, embed_bn=m.embed_bn,
-                    tiny_stem_stride=m.tiny_stem_stride)
+                    tiny_stem_stride=m.tiny_stem_stride,
+                    tiny_stem_time_stride=m.tiny_stem_time_stride)
         steps = model.video_net.time_steps(cfg.data.clip_frames)
         if m.time_bins > steps:
             from ..config import ConfigError

@@ -218,14 +218,19 @@ def r3d_18(num_classes: int = 0, time_bins: int = 0) -> VideoResNet:
 
 
 def tiny(num_classes: int = 0, widths: Sequence[int] = (8, 16, 32, 64),
-         time_bins: int = 0, stem_stride: int = 2) -> VideoResNet:
+         time_bins: int = 0, stem_stride: int = 2, stem_time_stride: int = 1) -> VideoResNet:
     """A narrow R(2+1)D for CPU runs: one block per stage, strided in space only.
     `stem_stride`: the stem's spatial stride (2 as R(2+1)D; 4 runs the first stage, most of
-    the tower's cost on a CPU, at a quarter of the pixels)."""
+    the tower's cost on a CPU, at a quarter of the pixels). `stem_time_stride`: the stem's
+    temporal convolution's stride (2: the stages see every other time step; the stem's
+    3-tap temporal kernel still sees every frame)."""
     stem = R2Plus1dStem(widths[0], mid=max(8, widths[0] * 45 // 64))
     stem[0].stride = (1, stem_stride, stem_stride)
-    return VideoResNet(stem, [Conv2Plus1DSpatialStride] * 4, [1, 1, 1, 1], widths=widths,
-                       num_classes=num_classes, time_bins=time_bins)
+    stem[3].stride = (stem_time_stride, 1, 1)
+    net = VideoResNet(stem, [Conv2Plus1DSpatialStride] * 4, [1, 1, 1, 1], widths=widths,
+                      num_classes=num_classes, time_bins=time_bins)
+    net.time_strides.insert(0, stem_time_stride)   # time_steps() counts the stem's stride
+    return net
 
 
 VIDEO_NETS = {"r2plus1d_18": r2plus1d_18, "mc3_18": mc3_18, "r3d_18": r3d_18, "tiny": tiny}
