@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from fastavts.config import build_config
-from fastavts.data.features import AudioGeometry, LogMel, mel_filterbank, video_transform
+from fastavts.data.features import (
+    AudioGeometry,
+    LogMel,
+    mel_filterbank,
+    video_batch_transform,
+    video_transform,
+)
 
 
 def reference_logmel(x, sr, win, hop, n_fft, n_mels, fmin, fmax, floor_db):
@@ -97,3 +103,24 @@ def test_video_transform_against_numpy():
     ref = ((ref - mean) / std).transpose(3, 0, 1, 2)
     assert got.shape == (3, 5, 29, 29)
     np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_video_batch_transform_equals_the_per_clip_transform_bit_for_bit():
+    """The batch path (build_batch) against video_transform clip by clip, torch.stack-ed: the
+    same float32 values to the bit (same operations in the same order per element), flips and
+    crops at odd offsets included; and against float64 NumPy."""
+    rng = np.random.default_rng(2)
+    mean, std = [0.43, 0.51, 0.62], [0.21, 0.26, 0.29]
+    videos = [rng.integers(0, 256, size=(7, 41, 45, 3), dtype=np.uint8) for _ in range(5)]
+    cuts = [(0, 0, False), (3, 11, True), (12, 16, True), (5, 2, False), (12, 0, True)]
+    c = 29
+    want = torch.stack([video_transform(v, y, x, c, f, mean, std)
+                        for v, (y, x, f) in zip(videos, cuts)])
+    crops = np.stack([v[:, y:y + c, x:x + c][:, :, ::-1] if f else v[:, y:y + c, x:x + c]
+                      for v, (y, x, f) in zip(videos, cuts)])
+    got = video_batch_transform(crops, mean, std)
+    assert got.shape == (5, 3, 7, c, c) and got.dtype == torch.float32 and got.is_contiguous()
+    assert torch.equal(got, want)
+    ref = crops.astype(np.float64) / 255
+    ref = ((ref - mean) / std).transpose(0, 4, 1, 2, 3)
+    np.testing.assert_allclose(got.numpy(), ref, atol=1e-5)

@@ -119,6 +119,19 @@ class LogMel:
         return logmel.transpose(1, 2).unsqueeze(1).contiguous()         # (M, 1, n_mels, F)
 
 
+def video_batch_transform(crops: np.ndarray, mean, std):
+    """uint8 (B, T, crop, crop, 3), already cut and flipped -> float32 (B, 3, T, crop, crop):
+    video_transform's arithmetic, in the same order element by element (so the same values to
+    the bit), as five operations on the whole batch instead of seven per clip (with 16-frame
+    clips the per-clip calls were ~8 ms of the CPU demo's ~100 ms step)."""
+    import torch
+
+    x = torch.from_numpy(crops).permute(0, 4, 1, 2, 3).contiguous().float().div_(255)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1, 1)
+    return x.sub_(m).div_(s)
+
+
 def video_transform(frames: np.ndarray, y: int, x: int, crop: int, flip: bool, mean, std):
     """uint8 (T, H, W, 3) -> float32 (3, T, crop, crop): crop, flip, (x/255 - mean) / std."""
     import torch

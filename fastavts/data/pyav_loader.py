@@ -9,7 +9,7 @@ from contextlib import nullcontext
 import numpy as np
 
 from .base_loader import BaseLoader, plan_meta, substitute
-from .features import AudioGeometry, LogMel, audio_window, video_transform
+from .features import AudioGeometry, LogMel, audio_window, video_batch_transform
 
 
 class _PlannedBatches:
@@ -57,23 +57,29 @@ def build_batch(ds, videos: list[dict], plan: dict, d, geo: AudioGeometry, logme
     import torch
 
     rng = rng or (lambda name: nullcontext())
-    T, s = d.clip_frames, d.frame_stride
-    clips, bad = {}, {}
+    T, s, c = d.clip_frames, d.frame_stride, d.crop
+    crops = np.empty((len(plan["clip_video"]), T, c, c, 3), np.uint8)
+    bad = {}
     with rng("decode"):
         for i, vi in enumerate(plan["clip_video"]):
             v = videos[vi]
             idx = plan["clip_frame"][i] + s * np.arange(T)
             try:
                 frames = ds.frames(v["id"], idx)
-                clips[i] = video_transform(frames, int(plan["crop_y"][i]), int(plan["crop_x"][i]),
-                                           d.crop, bool(plan["flip"][i]), d.mean, d.std)
+                y, x = int(plan["crop_y"][i]), int(plan["crop_x"][i])
+                cut = frames[:, y:y + c, x:x + c]
+                if cut.shape[1:3] != (c, c):
+                    raise ValueError(f"frames of {v['id']} are {frames.shape[2]}x"
+                                     f"{frames.shape[1]}, too small for a {c}-px crop at "
+                                     f"({x}, {y})")
+                crops[i] = cut[:, :, ::-1] if plan["flip"][i] else cut
             except Exception as e:  # a damaged file: replaced below, counted by the parent
                 bad[i] = f"{type(e).__name__}: {e}"
         if bad:
             plan = substitute(plan, set(bad))
             for i, j in plan["donor"].items():
-                clips[i] = clips[j]
-        video = torch.stack([clips[i] for i in range(len(clips))])
+                crops[i] = crops[j]
+        video = video_batch_transform(crops, d.mean, d.std)
     with rng("audio_features"):
         if audio_features is not None:
             audio = audio_features(plan)
