@@ -26,10 +26,11 @@ of it the towers; and the video stem striding 4 (model.tiny_stem_stride): the vi
 ~40 ms forward + backward, ~95 ms a step, ~255 s for the whole demo at the same accuracy within
 the spread of seeds (docs/training.md). Third pass: the step's convolutions run as the cheaper
 2D ones they equal on the CPU (models.video.FactorConv3d; the audio input BN folded into the
-first convolution), the batch normalised in one go (video_batch_transform), ~20 % off a step;
-that time bought 16 frames 80 ms apart instead of 8 frames 160 ms apart (the stem striding 2 in
-time): the hard negatives the old clips missed were windows whose impacts fall 40-50 ms from
-the clip's, which 160-ms frames cannot tell apart (docs/training.md, "Third pass"). The in-memory loader: the 160 training videos fit in
+first convolution), the batch normalised in one go (video_batch_transform): ~18 % off a step
+(bench/bench_demo_step.py); that time bought 16 frames 80 ms apart instead of 8 frames 160 ms
+apart (the stem striding 2 in time): many hard negatives the old clips accepted were windows
+whose impacts fall within 50 ms of the clip's, which 160-ms frames cannot tell apart
+(bench/sync_errors.py; docs/training.md, "Third pass"). The in-memory loader: the 160 training videos fit in
 0.11 GiB decoded, so each is decoded once and batches are cut from RAM; channels_last_3d is
 slower for these tiny convs on this CPU, so the CPU preset turns it off. What else was tried
 against the 300-s target (smaller crops, fewer steps, more videos, other rates and losses):

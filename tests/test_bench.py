@@ -182,3 +182,51 @@ def test_profile_demo_accounts_for_the_training_time(tmp_path):
     import fastavts.train
     assert not isinstance(torch.profiler.record_function, profile_demo.Ranges)   # put back
     assert fastavts.train.make_loader.__module__ == "fastavts.data.loader"
+
+
+def test_bench_demo_step_times_both_ways_and_puts_the_rewrites_back(tmp_path):
+    import bench_demo_step
+    from torch import nn
+
+    from fastavts.models.audio import AudioNet
+    from fastavts.models.video import FactorConv3d
+    before = (FactorConv3d.forward, AudioNet.forward)
+    out = tmp_path / "rows.jsonl"
+    assert bench_demo_step.main(["--rounds", "2", "--steps", "1", "--out", str(out),
+                                 "loader.batch_size=4", "data.clip_frames=8"]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["bench"] == "demo_step" and row["batch"] == 4
+    for k in ("step", "video_tower", "audio_tower"):
+        for mode in ("plain", "rewritten"):
+            s = row[f"{k}_{mode}_ms"]
+            assert 0 < s["min"] <= s["median"] <= s["max"]
+    assert row["video_cut_per_clip_ms"]["median"] > 0 and row["video_cut_batch_ms"]["median"] > 0
+    assert (FactorConv3d.forward, AudioNet.forward) == before
+    assert FactorConv3d.forward is not nn.Conv3d.forward
+
+
+def test_sync_errors_counts_agree_with_the_evaluation(tiny_checkpoint, prepared, tmp_path):
+    """The listed errors are the evaluation's errors: positives rejected plus easy accepted
+    over the positive and easy test pairs is 1 - sync_acc_easy (and likewise for hard)."""
+    import sync_errors
+
+    out = tmp_path / "rows.jsonl"
+    assert sync_errors.main([str(tiny_checkpoint), str(prepared), "--out", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    n = row["eval_pairs"]
+    for neg in ("easy", "hard"):
+        errors = row["positive_rejected"] + row[f"{neg}_accepted"]
+        assert abs(1 - errors / (n["positive"] + n[neg]) - row[f"sync_acc_{neg}"]) < 1e-4
+    assert 0 <= row["hard_accepted_same_pattern"] <= row["hard_accepted"]
+
+
+def test_sync_errors_same_pattern_needs_every_impact_within_tol():
+    import sync_errors
+
+    clip = [(0.40, "ball"), (1.10, "ball")]
+    assert sync_errors.same_pattern(clip, [(0.44, "ball"), (1.13, "ball")], 0.05)
+    assert not sync_errors.same_pattern(clip, [(0.44, "ball"), (1.17, "ball")], 0.05)
+    assert not sync_errors.same_pattern(clip, [(0.41, "ball")], 0.05)
+    meta = {"events": [{"t": 2.0, "kind": "bell"}, {"t": 3.2, "kind": "drum"},
+                       {"t": 3.3, "kind": "bell"}]}
+    assert sync_errors.impacts(meta, 2.0, 1.28) == [(0.0, "bell"), (1.2, "drum")]

@@ -120,10 +120,9 @@ class LogMel:
 
 
 def video_batch_transform(crops: np.ndarray, mean, std):
-    """uint8 (B, T, crop, crop, 3), already cut and flipped -> float32 (B, 3, T, crop, crop):
-    video_transform's arithmetic, in the same order element by element (so the same values to
-    the bit), as five operations on the whole batch instead of seven per clip (with 16-frame
-    clips the per-clip calls were ~8 ms of the CPU demo's ~100 ms step)."""
+    """uint8 (B, T, crop, crop, 3), already cut and flipped -> float32 (B, 3, T, crop, crop),
+    (x/255 - mean) / std: five operations on the whole batch (build_batch; clip by clip it took
+    twice as long for the CPU demo's batch: bench/bench_demo_step.py)."""
     import torch
 
     x = torch.from_numpy(crops).permute(0, 4, 1, 2, 3).contiguous().float().div_(255)
@@ -133,13 +132,8 @@ def video_batch_transform(crops: np.ndarray, mean, std):
 
 
 def video_transform(frames: np.ndarray, y: int, x: int, crop: int, flip: bool, mean, std):
-    """uint8 (T, H, W, 3) -> float32 (3, T, crop, crop): crop, flip, (x/255 - mean) / std."""
-    import torch
-
-    clip = torch.from_numpy(np.ascontiguousarray(frames[:, y:y + crop, x:x + crop]))
-    if flip:
-        clip = clip.flip(2)
-    clip = clip.permute(3, 0, 1, 2).float().div_(255)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1)
-    return (clip - m) / s
+    """uint8 (T, H, W, 3) -> float32 (3, T, crop, crop): crop, flip, (x/255 - mean) / std (one
+    clip of video_batch_transform)."""
+    cut = frames[:, y:y + crop, x:x + crop]
+    return video_batch_transform(np.ascontiguousarray(cut[:, :, ::-1] if flip else cut)[None],
+                                 mean, std)[0]
