@@ -5,18 +5,23 @@ CPU install (development, CI), keeping pip on the CPU build of torch:
 GPU machines keep the CUDA torch (>= 2.11) they already have:
     pip install -e .
 """
+import re
+
 from setuptools import setup
+
+VERSION = re.search(r'__version__ = "(.+)"', open("fastavts/_version.py").read()).group(1)
 
 setup(
     name="fastavts",
-    version="0.1.0",
+    version=VERSION,
     description="High-throughput self-supervised audio-visual synchronization (AVTS) training",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # `kernels/` is installed as `fastavts.kernels`: a top-level `kernels` would clash with an
     # existing PyPI package.
-    packages=["fastavts", "fastavts.data", "fastavts.models", "fastavts.kernels"],
+    packages=["fastavts", "fastavts.data", "fastavts.data.prepare", "fastavts.models",
+              "fastavts.train", "fastavts.kernels"],
     package_dir={"fastavts.kernels": "kernels"},
     # Lower bounds of av, numpy, omegaconf and tqdm: the test suite passed on av 15.0.0,
     # numpy 1.26.4, omegaconf 2.3.0, tqdm 4.66.0 (and on the newest: av 18.1, numpy 2.4,

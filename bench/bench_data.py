@@ -44,8 +44,9 @@ def decoder_batches(root: Path, args, cfg):
     """DALI's fn.decoders.video alone over the loader's plans: the decoder's own rate."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from fastavts.data.dali_loader import ClipSource, default_threads
+    from fastavts.data.dali_loader import ClipSource
     from fastavts.data.loader import make_loader
+    from fastavts.runtime import default_threads
 
     sampler = make_loader(cfg, root, total_epochs=1000).sampler
     B = cfg.loader.batch_size

@@ -9,7 +9,7 @@ loss on its own batch (group=None) and the loss with every rank's windows gather
 (group=WORLD: the all-gather of the windows with gradients, its backward, the all-reduce of
 the counts and of the loss value), --repeats times after --warmup, with a barrier before each
 call. Rows (one per loss and world size: the median over calls of the slowest rank, p20/p80,
-and the extra time of gathering) go to bench/results/gather.jsonl. The target of DESIGN.md
+and the extra time of gathering) go to bench/results/gather.jsonl. The target of docs/design.md
 section 5 is for 8 GPUs: the gathered loss's fwd+bwd at most 10 % of a training step more
 than the local loss.
 """

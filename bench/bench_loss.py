@@ -20,7 +20,7 @@ one graph, no host sync). Rows go to bench/results/loss.jsonl with the machine a
 each as soon as it is measured; a Triton row also carries its speed-ups and its loss's
 relative error against eager at the benchmark's own sizes. The default dtype is fp32, what the
 trainer hands the loss.
-Targets (DESIGN.md section 5, H100/H200): Triton forward+backward at most 1/3 of eager's time
+Targets (docs/design.md section 5, H100/H200): Triton forward+backward at most 1/3 of eager's time
 and 2/3 of compiled's; extra memory O((B + M) D).
 On a CPU the Triton kernel runs only under TRITON_INTERPRET=1 (far too slow to time): it is
 left out there unless --impl triton is asked for.

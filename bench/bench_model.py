@@ -15,7 +15,7 @@ at that precision (table below: bf16 tensor cores for bf16; for fp32 the TF32 te
 which cuDNN uses for fp32 convolutions by default; unknown GPUs and CPUs get no MFU). Each
 configuration compiles afresh and has its own peak memory; rows are appended as they are made. The cuDNN version is
 recorded: some cuDNN 9 releases leave the fast path for bf16/fp16 3D convolutions.
-Rows: bench/results/model.jsonl. Target (DESIGN.md section 5): R(2+1)D-18 16x112x112 bf16 at
+Rows: bench/results/model.jsonl. Target (docs/design.md section 5): R(2+1)D-18 16x112x112 bf16 at
 least 35 % MFU on an H100/H200.
 """
 from __future__ import annotations

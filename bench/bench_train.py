@@ -12,7 +12,7 @@ then --steps timed steps in --windows windows (the device synchronised at the en
 only, as the trainer never waits inside a run): clips/s (median, min-max over the windows),
 ms/step, and the share of the time spent waiting for the next batch. Then, in the same
 process, the same step without the loader (one batch of that loader kept on the device):
-model-only clips/s, and the ratio end-to-end / model-only (target DESIGN.md section 5: at least
+model-only clips/s, and the ratio end-to-end / model-only (target docs/design.md section 5: at least
 0.9 on an H100/H200 with DALI). GPU counters (NVML: SM, memory and NVDEC utilisation, power;
 target SM utilisation over 90 %) are sampled during the timed end-to-end steps. Rows:
 bench/results/train.jsonl, each appended when its loader is done.

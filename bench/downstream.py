@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from fastavts.finetune import finetune
-    from fastavts.offset import load_model
+    from fastavts.models.avts import load_model
     from fastavts.probe import probe_audio
 
     _, cfg = load_model(args.checkpoint, "cpu")

@@ -1,4 +1,4 @@
-"""The GPU checks, in two parts that each fit one command on a lent GPU machine (DESIGN.md
+"""The GPU checks, in two parts that each fit one command on a lent GPU machine (docs/design.md
 section 4: 15 minutes of device time in all, at most 10 minutes a command, at most 8 files
 back, Python 3.12 with torch 2.11 and triton 3.6 but no DALI, PyAV or OmegaConf, perhaps no
 NVDEC library in its sandbox).

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    import fastavts.train as train_mod
+    import fastavts.train.loop as train_mod
     from fastavts.config import build_config
     from fastavts.data.prepare import prepare
     from fastavts.data.synth import synthesize

@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     from fastavts.data.loader import make_loader
     from fastavts.data.sampler import EASY, HARD, POSITIVE
     from fastavts.evaluate import collect, eval_config, sync_metrics
-    from fastavts.offset import load_model
+    from fastavts.models.avts import load_model
+    from fastavts.objectives import objective
 
     model, cfg = load_model(args.checkpoint, torch.device("cpu"))
     c = eval_config(cfg, cfg.train.eval_clips)
@@ -54,13 +55,13 @@ def main(argv=None) -> int:
     try:
         plans = [loader.sampler.plan(0, b) for b in range(len(loader.sampler))]
         videos = loader.sampler.videos
-        r = collect(model, loader, cfg.loss.kind, torch.device("cpu"), nullcontext)
+        r = collect(model, loader, objective(cfg), torch.device("cpu"), nullcontext)
     finally:
         loader.close()
     m = sync_metrics(r)
     cat = {k: np.concatenate([p[k] for p in plans]) for k in
-           ("clip_video", "clip_t0", "audio_video", "audio_t0", "kind")}
-    if not (np.array_equal(cat["kind"], r["kind"]) and np.array_equal(cat["clip_video"], r["video"])):
+           ("clip_video", "clip_t0", "audio_video", "audio_t0", "role")}
+    if not (np.array_equal(cat["role"], r["role"]) and np.array_equal(cat["clip_video"], r["video"])):
         raise RuntimeError("the eval plans do not line up with the scored pairs")
     metas = {}
 
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
         return metas[vi]
 
     length = cfg.data.clip_frames * cfg.data.frame_stride / videos[0]["fps"]
-    s, kind, test = r["score"], r["kind"], r["video"] % 2 == 1
+    s, kind, test = r["score"], r["role"], r["video"] % 2 == 1
     wrong = test & np.where(kind == POSITIVE, s < m["threshold"], s >= m["threshold"])
     names = {POSITIVE: "positive", EASY: "easy", HARD: "hard"}
     counts = {"positive_rejected": 0, "easy_accepted": 0, "hard_accepted": 0,

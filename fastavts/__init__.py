@@ -1,5 +1,5 @@
 """fastavts: high-throughput self-supervised audio-visual synchronization (AVTS) training."""
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 
 def __getattr__(name):

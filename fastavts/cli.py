@@ -9,9 +9,9 @@ import os
 import sys
 from pathlib import Path
 
+from .checkpoint import ExportError
 from .config import ConfigError, build_config, describe
 from .data.audio_sets import LayoutError
-from .export import ExportError
 
 EPILOG_OVERRIDES = ("Any setting can be changed with section.key=value after the arguments, "
                     "e.g. prepare.workers=4 or data.fps=30; `fastavts info --config` lists them.")
@@ -42,6 +42,26 @@ def _split_overrides(args) -> None:
                           f"section.key=value (for example prepare.workers=4)")
 
 
+def add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="generate the synthetic audio-visual set",
+                       description="Generate videos of bouncing objects whose floor impacts make "
+                       "sounds (real VP9+Opus webm or H.264+AAC mp4 files, one JSON sidecar "
+                       "each with labels and impact times). Same seed, same files.",
+                       epilog=EPILOG_OVERRIDES)
+    p.add_argument("out", help="output folder")
+    p.add_argument("--videos", type=int, help="number of videos (default 64)")
+    p.add_argument("--seed", type=int, help="seed (default 0)")
+    p.add_argument("--codec", choices=("vp9", "h264", "mjpeg"),
+                   help="vp9 (CPU decoding), h264 (GPU) or mjpeg (a near-lossless source for "
+                        "prepare)")
+    p.add_argument("--min-duration", type=float, help="shortest video in s (default 4)")
+    p.add_argument("--max-duration", type=float, help="longest video in s (default 12)")
+    p.add_argument("--workers", type=int, help="processes (default: one per core)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_common(p)
+    p.set_defaults(func=cmd_synth)
+
+
 def cmd_synth(args) -> int:
     from .data.synth import synthesize
 
@@ -68,6 +88,32 @@ def _sigterm_as_interrupt() -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="re-encode videos, build the audio bank and manifest",
+                       description="Prepare SRC (a folder, searched recursively, or a CSV list) "
+                       "into OUT: constant-fps re-encoded video with short keyframe intervals, "
+                       "a 16 kHz mono audio bank, manifest.jsonl and rejected.jsonl. Rerunning "
+                       "on the same OUT resumes.", epilog=EPILOG_OVERRIDES)
+    p.add_argument("src", help="folder of videos, or a CSV list (column path or video, "
+                   "optional label; or Kinetics' youtube_id,time_start,time_end)")
+    p.add_argument("out", help="dataset folder to write")
+    p.add_argument("--codec", choices=("auto", "h264", "vp9"),
+                   help="output codec (auto: h264 with a CUDA GPU, else vp9)")
+    p.add_argument("--workers", type=int, help="processes (default: one per core)")
+    p.add_argument("--short-side", type=int, help="short side in pixels (default 128)")
+    p.add_argument("--fps", type=float, help="output frame rate (default 25)")
+    p.add_argument("--keyframe-interval", type=int, help="frames between keyframes (default 16)")
+    p.add_argument("--segment-seconds", type=float, help="cut into segments (default 0: no)")
+    p.add_argument("--retry-rejected", action="store_true",
+                   help="try the inputs in rejected.jsonl again")
+    p.add_argument("--shard", metavar="K/N", help="prepare only the K-th of N shares of the "
+                   "inputs (0 <= K < N; the same split on every machine), e.g. one per SLURM "
+                   "array task; join the N shares with `fastavts merge`")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_common(p)
+    p.set_defaults(func=cmd_prepare)
 
 
 def cmd_prepare(args) -> int:
@@ -108,6 +154,22 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="join the shares of a sharded prepare into one dataset",
+                       description="Join the N shares made by `fastavts prepare SRC DIR_k "
+                       "--shard k/N` into one dataset: one audio bank, one manifest, one rejected "
+                       "list, the video files hard-linked (or copied). Equals a single prepare of "
+                       "the same inputs. Shares of other inputs or settings, overlapping, missing "
+                       "or unfinished shares are refused. Run it again to finish an interrupted "
+                       "merge.")
+    p.add_argument("shares", nargs="+", metavar="SHARE_DIR", help="the share folders")
+    p.add_argument("--out", required=True, help="the dataset folder to make")
+    p.add_argument("--copy", action="store_true", help="copy the video files (default: hard "
+                   "links where the filesystem allows, else copies)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_merge)
+
+
 def cmd_merge(args) -> int:
     from .data.merge import merge
 
@@ -116,6 +178,24 @@ def cmd_merge(args) -> int:
           f"usable, {s['rejected']} rejected", file=sys.stderr)
     print(json.dumps(s))
     return 0
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train the audio and video nets (no data: the demo)",
+                       description="Train AVTS on a prepared set (train.data=DIR). With no data "
+                       "it runs the demo: makes the synthetic set if missing, prepares it, trains "
+                       "(tiny nets on a CPU, R(2+1)D-18 on a GPU) and evaluates sync on held-out "
+                       "videos. Ends with one JSON line of final metrics (also metrics.json).",
+                       epilog=EPILOG_OVERRIDES)
+    p.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="settings file (configs/)")
+    p.add_argument("-c", "--config-file", dest="config_file", metavar="CONFIG.yaml",
+                   help="the same, as an option (fastavts train -c configs/avts_paper_cpu.yaml)")
+    p.add_argument("--out", help="run directory (default runs/<date-time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its "
+                   "last checkpoint")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args) -> int:
@@ -140,7 +220,7 @@ def cmd_train(args) -> int:
         cfg = build_config(args.config, args.overrides, base=preset(torch.cuda.is_available()))
     out = Path(args.out or cfg.train.out or f"runs/{'demo-' if demo else ''}{time.strftime('%Y%m%d-%H%M%S')}")
     if args.resume:
-        from .train import checkpoint_candidates
+        from .checkpoint import checkpoint_candidates
         if not checkpoint_candidates(out / "checkpoints"):
             raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'}; give the run "
                               f"directory with --out")
@@ -163,11 +243,25 @@ def cmd_train(args) -> int:
     return 0
 
 
+def add_eval_sync(sub) -> None:
+    p = sub.add_parser("eval-sync", help="sync accuracy and ROC AUC of a checkpoint on a dataset",
+                       description="Score fixed (clip, audio) pairs of a prepared dataset: "
+                       "positives, easy and hard negatives. The threshold is chosen on half of the "
+                       "videos (reported) and applied to the other half.")
+    p.add_argument("checkpoint", help="a checkpoint (runs/.../checkpoints/last.pt) or a folder made by fastavts export")
+    p.add_argument("dataset", help="a prepared dataset")
+    p.add_argument("--clips-per-video", type=int, default=None,
+                   help="clips per video (default: the checkpoint's train.eval_clips, 32)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.set_defaults(func=cmd_eval_sync)
+
+
 def cmd_eval_sync(args) -> int:
     import torch
 
     from .evaluate import evaluate_sync
-    from .offset import load_model
+    from .models.avts import load_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg = load_model(args.checkpoint, device)
@@ -189,6 +283,21 @@ def cmd_eval_sync(args) -> int:
     return 0
 
 
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="a checkpoint's model as a shareable folder (safetensors)",
+                       description="Write OUT_DIR/model.safetensors (the weights only), "
+                       "config.json (what rebuilds the model and its inputs) and README.md (a "
+                       "model card: data, held-out metrics from the run's metrics.json, the "
+                       "command that made it, how to load it). The folder is a Hugging Face "
+                       "model repository's layout; fastavts.AVTS.from_pretrained(OUT_DIR) loads "
+                       "it, and every command that takes a checkpoint takes the folder.")
+    p.add_argument("checkpoint", help="a training checkpoint (runs/.../checkpoints/last.pt)")
+    p.add_argument("out_dir", help="the folder to write (new, empty, or an earlier export)")
+    p.add_argument("--metrics", help="metrics.json for the model card (default: the run's, "
+                   "next to checkpoints/)")
+    p.set_defaults(func=cmd_export)
+
+
 def cmd_export(args) -> int:
     from .export import export
 
@@ -196,6 +305,21 @@ def cmd_export(args) -> int:
     print(f"fastavts export: {out}/model.safetensors, config.json, README.md", file=sys.stderr)
     print(json.dumps({"out": str(out)}))
     return 0
+
+
+def add_offset(sub) -> None:
+    p = sub.add_parser("offset", help="find how far the sound is from the picture in videos",
+                       description="For each video (any container and codec prepare accepts), "
+                       "score audio shifts of -N..+N frames against several clips and report the "
+                       "offset (positive: the audio lags the picture) and a confidence (median "
+                       "distance minus minimum, as SyncNet).")
+    p.add_argument("checkpoint", help="a checkpoint (runs/.../checkpoints/last.pt) or a folder made by fastavts export")
+    p.add_argument("videos", nargs="+", help="video files")
+    p.add_argument("--max-shift", type=int, default=15, help="largest shift tried, in frames")
+    p.add_argument("--clips", type=int, default=8, help="clips per video")
+    p.add_argument("--workers", type=int, default=0, help="prepare processes (0: one per core)")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(func=cmd_offset)
 
 
 def cmd_offset(args) -> int:
@@ -215,6 +339,30 @@ def cmd_offset(args) -> int:
     return 0
 
 
+def add_probe_audio(sub) -> None:
+    p = sub.add_parser("probe-audio", help="linear SVM probe of the audio net (ESC-50, DCASE2014)",
+                       description="Features of the checkpoint's audio network (a layer's "
+                       "activations averaged over frequency, time and a recording's windows) and "
+                       "a linear SVM on the dataset's official folds: ESC-50 (ROOT/audio, "
+                       "ROOT/meta/esc50.csv; 5 folds), DCASE2014 scenes (ROOT/scenes_stereo, "
+                       "ROOT/scenes_stereo_testset; train/test), synth (a prepared synthetic set "
+                       "with one sounding object per video; 5 folds).")
+    p.add_argument("checkpoint", help="a checkpoint (runs/.../checkpoints/last.pt) or a folder made by fastavts export")
+    p.add_argument("--dataset", required=True, choices=["esc50", "dcase2014", "synth"])
+    p.add_argument("root", help="the dataset's folder in its official layout")
+    p.add_argument("--layer", default="stage4", choices=["stage1", "stage2", "stage3", "stage4",
+                                                         "features", "embedding"],
+                   help="which activations (default stage4, the last conv stage)")
+    p.add_argument("--C", type=float, default=1.0, help="the SVM's regularisation constant")
+    p.add_argument("--scratch", action="store_true",
+                   help="probe a randomly initialised net of the same architecture instead")
+    p.add_argument("--cache", default=None,
+                   help="feature cache folder (default $FASTAVTS_CACHE/probe or ~/.cache/fastavts/probe)")
+    p.add_argument("--batch-size", type=int, default=256, help="windows per forward pass")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_probe_audio)
+
+
 def cmd_probe_audio(args) -> int:
     from .probe import probe_audio
 
@@ -229,6 +377,35 @@ def cmd_probe_audio(args) -> int:
               f"({r['feature_dim']} features), {r['recordings']} recordings, {r['classes']} "
               f"classes{', features from the cache' if r['features_cached'] else ''}")
     return 0
+
+
+def add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune the video net on UCF101 / HMDB51 splits",
+                       description="Initialise the video network from a checkpoint (or from "
+                       "scratch), add a classifier and train it on an official split: UCF101 "
+                       "(ROOT/ucfTrainTestlist: classInd.txt, trainlist0N.txt, testlist0N.txt), "
+                       "HMDB51 (ROOT/testTrainMulti_7030_splits/*_test_splitN.txt), synth (a "
+                       "prepared synthetic set with one sounding object per video). The videos "
+                       "are read from a set prepared with `fastavts prepare` (--prepared; "
+                       "prepare.require_audio=false keeps the silent ones). Reports clip and "
+                       "video accuracy on the split's test videos.")
+    p.add_argument("checkpoint", help="a pretraining checkpoint (runs/.../checkpoints/last.pt) or a folder made by fastavts export")
+    p.add_argument("--dataset", required=True, choices=["ucf101", "hmdb51", "synth"])
+    p.add_argument("root", help="the folder holding the official split files (synth: the "
+                   "prepared set)")
+    p.add_argument("--prepared", help="the prepared videos (default: ROOT)")
+    p.add_argument("--split", type=int, default=1, choices=[1, 2, 3])
+    p.add_argument("--scratch", action="store_true", help="random initialisation (baseline)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--clips-per-video", type=int, default=4, help="training clips per video "
+                   "and epoch")
+    p.add_argument("--eval-clips", type=int, default=10, help="test clips per video")
+    p.add_argument("--out", help="run directory (default runs/finetune-...)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.set_defaults(func=cmd_finetune)
 
 
 def cmd_finetune(args) -> int:
@@ -260,6 +437,17 @@ def _versions() -> dict:
 def machine_info() -> dict:
     from .machine import machine_info as info
     return info()
+
+
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="versions, machine, and a prepared dataset's summary",
+                       description="Print library versions and the machine; with DATASET, a "
+                       "summary of a prepared dataset; with --config, every setting.")
+    p.add_argument("dataset", nargs="?", help="a prepared dataset folder")
+    p.add_argument("--config", dest="config_schema", action="store_true",
+                   help="list every setting with its default and meaning")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
 
 
 def cmd_info(args) -> int:
@@ -303,182 +491,21 @@ def cmd_info(args) -> int:
     return 0
 
 
+# every subcommand, in the order `fastavts --help` lists them
+COMMANDS = (add_synth, add_prepare, add_merge, add_train, add_eval_sync, add_offset,
+            add_probe_audio, add_finetune, add_export, add_info)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="fastavts", description="Self-supervised audio-visual synchronization, fast.",
         epilog=EPILOG_OVERRIDES)
     parser.add_argument("--version", action="version", version=f"fastavts {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("synth", help="generate the synthetic audio-visual set",
-                       description="Generate videos of bouncing objects whose floor impacts make "
-                       "sounds (real VP9+Opus webm or H.264+AAC mp4 files, one JSON sidecar "
-                       "each with labels and impact times). Same seed, same files.",
-                       epilog=EPILOG_OVERRIDES)
-    p.add_argument("out", help="output folder")
-    p.add_argument("--videos", type=int, help="number of videos (default 64)")
-    p.add_argument("--seed", type=int, help="seed (default 0)")
-    p.add_argument("--codec", choices=("vp9", "h264", "mjpeg"),
-                   help="vp9 (CPU decoding), h264 (GPU) or mjpeg (a near-lossless source for "
-                        "prepare)")
-    p.add_argument("--min-duration", type=float, help="shortest video in s (default 4)")
-    p.add_argument("--max-duration", type=float, help="longest video in s (default 12)")
-    p.add_argument("--workers", type=int, help="processes (default: one per core)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    _add_common(p)
-    p.set_defaults(func=cmd_synth)
-
-    p = sub.add_parser("prepare", help="re-encode videos, build the audio bank and manifest",
-                       description="Prepare SRC (a folder, searched recursively, or a CSV list) "
-                       "into OUT: constant-fps re-encoded video with short keyframe intervals, "
-                       "a 16 kHz mono audio bank, manifest.jsonl and rejected.jsonl. Rerunning "
-                       "on the same OUT resumes.", epilog=EPILOG_OVERRIDES)
-    p.add_argument("src", help="folder of videos, or a CSV list (column path or video, "
-                   "optional label; or Kinetics' youtube_id,time_start,time_end)")
-    p.add_argument("out", help="dataset folder to write")
-    p.add_argument("--codec", choices=("auto", "h264", "vp9"),
-                   help="output codec (auto: h264 with a CUDA GPU, else vp9)")
-    p.add_argument("--workers", type=int, help="processes (default: one per core)")
-    p.add_argument("--short-side", type=int, help="short side in pixels (default 128)")
-    p.add_argument("--fps", type=float, help="output frame rate (default 25)")
-    p.add_argument("--keyframe-interval", type=int, help="frames between keyframes (default 16)")
-    p.add_argument("--segment-seconds", type=float, help="cut into segments (default 0: no)")
-    p.add_argument("--retry-rejected", action="store_true",
-                   help="try the inputs in rejected.jsonl again")
-    p.add_argument("--shard", metavar="K/N", help="prepare only the K-th of N shares of the "
-                   "inputs (0 <= K < N; the same split on every machine), e.g. one per SLURM "
-                   "array task; join the N shares with `fastavts merge`")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    _add_common(p)
-    p.set_defaults(func=cmd_prepare)
-
-    p = sub.add_parser("merge", help="join the shares of a sharded prepare into one dataset",
-                       description="Join the N shares made by `fastavts prepare SRC DIR_k "
-                       "--shard k/N` into one dataset: one audio bank, one manifest, one rejected "
-                       "list, the video files hard-linked (or copied). Equals a single prepare of "
-                       "the same inputs. Shares of other inputs or settings, overlapping, missing "
-                       "or unfinished shares are refused. Run it again to finish an interrupted "
-                       "merge.")
-    p.add_argument("shares", nargs="+", metavar="SHARE_DIR", help="the share folders")
-    p.add_argument("--out", required=True, help="the dataset folder to make")
-    p.add_argument("--copy", action="store_true", help="copy the video files (default: hard "
-                   "links where the filesystem allows, else copies)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_merge)
-
-    p = sub.add_parser("train", help="train the audio and video nets (no data: the demo)",
-                       description="Train AVTS on a prepared set (train.data=DIR). With no data "
-                       "it runs the demo: makes the synthetic set if missing, prepares it, trains "
-                       "(tiny nets on a CPU, R(2+1)D-18 on a GPU) and evaluates sync on held-out "
-                       "videos. Ends with one JSON line of final metrics (also metrics.json).",
-                       epilog=EPILOG_OVERRIDES)
-    p.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="settings file (configs/)")
-    p.add_argument("-c", "--config-file", dest="config_file", metavar="CONFIG.yaml",
-                   help="the same, as an option (fastavts train -c configs/avts_paper_cpu.yaml)")
-    p.add_argument("--out", help="run directory (default runs/<date-time>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its "
-                   "last checkpoint")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("eval-sync", help="sync accuracy and ROC AUC of a checkpoint on a dataset",
-                       description="Score fixed (clip, audio) pairs of a prepared dataset: "
-                       "positives, easy and hard negatives. The threshold is chosen on half of the "
-                       "videos (reported) and applied to the other half.")
-    p.add_argument("checkpoint", help="a checkpoint (runs/.../checkpoints/last.pt) or a folder made by fastavts export")
-    p.add_argument("dataset", help="a prepared dataset")
-    p.add_argument("--clips-per-video", type=int, default=None,
-                   help="clips per video (default: the checkpoint's train.eval_clips, 32)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    p.set_defaults(func=cmd_eval_sync)
-
-    p = sub.add_parser("offset", help="find how far the sound is from the picture in videos",
-                       description="For each video (any container and codec prepare accepts), "
-                       "score audio shifts of -N..+N frames against several clips and report the "
-                       "offset (positive: the audio lags the picture) and a confidence (median "
-                       "distance minus minimum, as SyncNet).")
-    p.add_argument("checkpoint", help="a checkpoint (runs/.../checkpoints/last.pt) or a folder made by fastavts export")
-    p.add_argument("videos", nargs="+", help="video files")
-    p.add_argument("--max-shift", type=int, default=15, help="largest shift tried, in frames")
-    p.add_argument("--clips", type=int, default=8, help="clips per video")
-    p.add_argument("--workers", type=int, default=0, help="prepare processes (0: one per core)")
-    p.add_argument("--json", action="store_true", help="print a JSON list")
-    p.set_defaults(func=cmd_offset)
-
-    p = sub.add_parser("probe-audio", help="linear SVM probe of the audio net (ESC-50, DCASE2014)",
-                       description="Features of the checkpoint's audio network (a layer's "
-                       "activations averaged over frequency, time and a recording's windows) and "
-                       "a linear SVM on the dataset's official folds: ESC-50 (ROOT/audio, "
-                       "ROOT/meta/esc50.csv; 5 folds), DCASE2014 scenes (ROOT/scenes_stereo, "
-                       "ROOT/scenes_stereo_testset; train/test), synth (a prepared synthetic set "
-                       "with one sounding object per video; 5 folds).")
-    p.add_argument("checkpoint", help="a checkpoint (runs/.../checkpoints/last.pt) or a folder made by fastavts export")
-    p.add_argument("--dataset", required=True, choices=["esc50", "dcase2014", "synth"])
-    p.add_argument("root", help="the dataset's folder in its official layout")
-    p.add_argument("--layer", default="stage4", choices=["stage1", "stage2", "stage3", "stage4",
-                                                         "features", "embedding"],
-                   help="which activations (default stage4, the last conv stage)")
-    p.add_argument("--C", type=float, default=1.0, help="the SVM's regularisation constant")
-    p.add_argument("--scratch", action="store_true",
-                   help="probe a randomly initialised net of the same architecture instead")
-    p.add_argument("--cache", default=None,
-                   help="feature cache folder (default $FASTAVTS_CACHE/probe or ~/.cache/fastavts/probe)")
-    p.add_argument("--batch-size", type=int, default=256, help="windows per forward pass")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_probe_audio)
-
-    p = sub.add_parser("finetune", help="fine-tune the video net on UCF101 / HMDB51 splits",
-                       description="Initialise the video network from a checkpoint (or from "
-                       "scratch), add a classifier and train it on an official split: UCF101 "
-                       "(ROOT/ucfTrainTestlist: classInd.txt, trainlist0N.txt, testlist0N.txt), "
-                       "HMDB51 (ROOT/testTrainMulti_7030_splits/*_test_splitN.txt), synth (a "
-                       "prepared synthetic set with one sounding object per video). The videos "
-                       "are read from a set prepared with `fastavts prepare` (--prepared; "
-                       "prepare.require_audio=false keeps the silent ones). Reports clip and "
-                       "video accuracy on the split's test videos.")
-    p.add_argument("checkpoint", help="a pretraining checkpoint (runs/.../checkpoints/last.pt) or a folder made by fastavts export")
-    p.add_argument("--dataset", required=True, choices=["ucf101", "hmdb51", "synth"])
-    p.add_argument("root", help="the folder holding the official split files (synth: the "
-                   "prepared set)")
-    p.add_argument("--prepared", help="the prepared videos (default: ROOT)")
-    p.add_argument("--split", type=int, default=1, choices=[1, 2, 3])
-    p.add_argument("--scratch", action="store_true", help="random initialisation (baseline)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--clips-per-video", type=int, default=4, help="training clips per video "
-                   "and epoch")
-    p.add_argument("--eval-clips", type=int, default=10, help="test clips per video")
-    p.add_argument("--out", help="run directory (default runs/finetune-...)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    p.set_defaults(func=cmd_finetune)
-
-    p = sub.add_parser("export", help="a checkpoint's model as a shareable folder (safetensors)",
-                       description="Write OUT_DIR/model.safetensors (the weights only), "
-                       "config.json (what rebuilds the model and its inputs) and README.md (a "
-                       "model card: data, held-out metrics from the run's metrics.json, the "
-                       "command that made it, how to load it). The folder is a Hugging Face "
-                       "model repository's layout; fastavts.AVTS.from_pretrained(OUT_DIR) loads "
-                       "it, and every command that takes a checkpoint takes the folder.")
-    p.add_argument("checkpoint", help="a training checkpoint (runs/.../checkpoints/last.pt)")
-    p.add_argument("out_dir", help="the folder to write (new, empty, or an earlier export)")
-    p.add_argument("--metrics", help="metrics.json for the model card (default: the run's, "
-                   "next to checkpoints/)")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("info", help="versions, machine, and a prepared dataset's summary",
-                       description="Print library versions and the machine; with DATASET, a "
-                       "summary of a prepared dataset; with --config, every setting.")
-    p.add_argument("dataset", nargs="?", help="a prepared dataset folder")
-    p.add_argument("--config", dest="config_schema", action="store_true",
-                   help="list every setting with its default and meaning")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_info)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 

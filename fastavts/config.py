@@ -27,9 +27,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A config value or combination of values that fastavts refuses (message says which)."""
+from .errors import ConfigError
 
 
 def _f(default, help: str, choices: Sequence | None = None, min: float | None = None,
@@ -47,7 +45,7 @@ VIDEO_EXTENSIONS = [".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".m
 
 @dataclass
 class DataConfig:
-    """What one training example is (DESIGN.md section 1). `prepare` uses it to reject videos
+    """What one training example is (docs/design.md section 1). `prepare` uses it to reject videos
     too short for one clip and to resample every video to `fps`."""
     fps: float = _f(25.0, "constant frame rate every prepared video is resampled to", min=1, max=240)
     clip_frames: int = _f(16, "frames per clip (T)", min=1, max=512)
@@ -135,7 +133,7 @@ class PrepareConfig:
 
 @dataclass
 class SamplerConfig:
-    """Which clips and audio windows make a batch (DESIGN.md section 1)."""
+    """Which clips and audio windows make a batch (docs/design.md section 1)."""
     pairs: str = _f("paired", "paired: one (clip, audio, label) per element; inbatch: each clip "
                     "brings its aligned and k hard windows, all B x B(1+k) pairs count",
                     choices=("paired", "inbatch"))
@@ -226,8 +224,9 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
+    # the choices are the objectives there are (fastavts/objectives.py), checked in validate
     kind: str = _f("contrastive", "contrastive (AVTS), ce (sync classifier, paired pairs only) "
-                   "or infonce", choices=("contrastive", "ce", "infonce"))
+                   "or infonce")
     impl: str = _f("auto", "contrastive and InfoNCE implementation: triton (the fused kernels, "
                    "CUDA or TRITON_INTERPRET=1), reference (plain PyTorch), auto = triton on a "
                    "GPU", choices=("auto", "triton", "reference"))
@@ -261,8 +260,8 @@ class TrainConfig:
     precision: str = _f("auto", "auto = bf16 autocast on a GPU, fp32 on CPU; fp16 uses a "
                         "grad scaler", choices=("auto", "bf16", "fp16", "fp32"))
     channels_last: bool = _f(True, "channels_last_3d memory format for the video tower (cuDNN's "
-                             "fast 3D layout; the CPU demo turns it off: 15 % slower for the "
-                             "tiny net on the 2-core CPU)")
+                             "fast 3D layout; the CPU demo turns it off: slower for the tiny net "
+                             "on a CPU)")
     compile: bool = _f(False, "torch.compile the model")
     ckpt_every: int = _f(200, "write a checkpoint every n steps (and at the end)", min=1)
     keep_last: int = _f(3, "checkpoints kept (last.pt always points at the newest)", min=1)
@@ -453,7 +452,17 @@ def _flat(xs):
 
 
 def validate(cfg: Config) -> None:
-    """Choices, ranges and combinations that cannot work together."""
+    """Every field against its choices and range, then each section's own rules, then the rules
+    that join sections (among them what the loss kind refuses: fastavts/objectives.py)."""
+    _check_fields(cfg)
+    for check in (_check_synth, _check_prepare, _check_data, _check_sampler, _check_loader,
+                  _check_train, _check_across):
+        check(cfg)
+
+
+def _check_fields(cfg: Config) -> None:
+    """Each value is finite and inside its field's choices and range; loss.kind names an
+    objective."""
     for section in dataclasses.fields(cfg):
         sub = getattr(cfg, section.name)
         for f in dataclasses.fields(sub):
@@ -472,8 +481,12 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"{key}={v!r} is too small: the minimum is {m['min']}.")
             if m.get("max") is not None and v > m["max"]:
                 raise ConfigError(f"{key}={v!r} is too large: the maximum is {m['max']}.")
+    from .objectives import Objective
+    Objective.named(cfg.loss.kind)   # the kinds are the objectives there are
 
-    s, p, d = cfg.synth, cfg.prepare, cfg.data
+
+def _check_synth(cfg: Config) -> None:
+    s = cfg.synth
     if s.width % 2 or s.height % 2:
         raise ConfigError(f"synth.width and synth.height must be even (4:2:0 video), got "
                           f"{s.width}x{s.height}.")
@@ -495,20 +508,19 @@ def validate(cfg: Config) -> None:
     if len(s.noise_db) != 2 or s.noise_db[0] > s.noise_db[1] or s.noise_db[1] > 0:
         raise ConfigError(f"synth.noise_db must be [low, high] in dBFS with low <= high <= 0, "
                           f"got {list(s.noise_db)}.")
+
+
+def _check_prepare(cfg: Config) -> None:
+    p = cfg.prepare
     if p.short_side % 2:
         raise ConfigError(f"prepare.short_side must be even (4:2:0 video), got {p.short_side}.")
-    if 0 < p.segment_seconds < d.clip_seconds:
-        raise ConfigError(
-            f"prepare.segment_seconds={p.segment_seconds} is shorter than one clip "
-            f"({d.clip_frames} frames x stride {d.frame_stride} at {d.fps} fps = "
-            f"{d.clip_seconds:.2f} s); use 0 (no segments) or at least {d.clip_seconds:.2f}.")
-    if p.segment_seconds > 0:
-        seg_frames = p.segment_seconds * d.fps
-        if abs(seg_frames - round(seg_frames)) > 1e-6 or round(seg_frames) % p.keyframe_interval:
-            raise ConfigError(
-                f"prepare.segment_seconds={p.segment_seconds} at data.fps={d.fps} gives "
-                f"{seg_frames:g} frames per segment, which must be a whole multiple of "
-                f"prepare.keyframe_interval={p.keyframe_interval}.")
+    if not all(isinstance(e, str) and e.startswith(".") for e in p.extensions):
+        raise ConfigError(f"prepare.extensions must be a list like ['.mp4', '.webm'], "
+                          f"got {list(p.extensions)}.")
+
+
+def _check_data(cfg: Config) -> None:
+    d = cfg.data
     win = d.win_ms * d.sample_rate / 1000
     if d.n_fft < win:
         raise ConfigError(f"data.n_fft={d.n_fft} is shorter than the window data.win_ms="
@@ -516,11 +528,17 @@ def validate(cfg: Config) -> None:
     if d.fmax and not d.fmin < d.fmax <= d.sample_rate / 2:
         raise ConfigError(f"data.fmax={d.fmax} must lie in (data.fmin={d.fmin}, "
                           f"{d.sample_rate / 2:g}] (half the sample rate), or be 0.")
+    if d.fmin >= (d.fmax or d.sample_rate / 2):
+        raise ConfigError(f"data.fmin={d.fmin} must be below the highest mel frequency "
+                          f"({d.fmax or d.sample_rate / 2:g} Hz).")
     for name in ("mean", "std"):
         vals = getattr(d, name)
         if len(vals) != 3 or (name == "std" and min(vals) <= 0):
             raise ConfigError(f"data.{name} must be 3 numbers (R, G, B){', all > 0' if name == 'std' else ''}, "
                               f"got {list(vals)}.")
+
+
+def _check_sampler(cfg: Config) -> None:
     sm = cfg.sampler
     try:
         pieces = [(float(a), float(b)) for a, b in sm.curriculum]
@@ -533,48 +551,31 @@ def validate(cfg: Config) -> None:
     if sm.curriculum_unit == "fraction" and any(a > 1 for a, _ in pieces):
         raise ConfigError(f"sampler.curriculum: with curriculum_unit=fraction every `at` lies in "
                           f"[0, 1], got {sm.curriculum!r}.")
-    lc = cfg.loss
-    if lc.kind == "contrastive" and lc.margin <= 0:
-        raise ConfigError(f"loss.margin={lc.margin}: with a margin of 0 negatives are never "
-                          f"pushed apart and the towers collapse to one point; use a margin > 0 "
-                          f"(1.0 on L2-normalised embeddings).")
-    if lc.kind == "contrastive" and cfg.model.normalize and lc.margin > 2:
-        raise ConfigError(f"loss.margin={lc.margin}: L2-normalised embeddings are at most 2 "
-                          f"apart, so every negative pair would stay inside the margin for "
-                          f"ever; use a margin <= 2 or model.normalize=false.")
-    if not 0 < lc.sync_tol < sm.hard_min_shift:
-        raise ConfigError(f"loss.sync_tol={lc.sync_tol} must lie in (0, sampler.hard_min_shift="
-                          f"{sm.hard_min_shift}): windows closer than sync_tol to the clip count "
-                          f"as aligned, hard negatives are at least hard_min_shift away.")
-    if sm.superhard_share > 0 and sm.superhard_min_shift <= lc.sync_tol:
-        raise ConfigError(f"sampler.superhard_min_shift={sm.superhard_min_shift} must exceed "
-                          f"loss.sync_tol={lc.sync_tol}: a super-hard negative that close to its "
-                          f"clip is an aligned window.")
     if sm.pairs == "paired" and not 0 < sm.positive_share < 1:
         raise ConfigError(f"sampler.positive_share={sm.positive_share}: paired examples need both "
                           f"positives and negatives; use a share in (0, 1), the paper's 0.5.")
-    if d.fmin >= (d.fmax or d.sample_rate / 2):
-        raise ConfigError(f"data.fmin={d.fmin} must be below the highest mel frequency "
-                          f"({d.fmax or d.sample_rate / 2:g} Hz).")
     if sm.superhard_share > 0 and sm.superhard_min_shift >= sm.hard_min_shift:
         raise ConfigError(f"sampler.superhard_min_shift={sm.superhard_min_shift} must be below "
                           f"sampler.hard_min_shift={sm.hard_min_shift} for super-hard negatives.")
     if sm.pairs == "inbatch" and sm.superhard_share > 0:
         raise ConfigError("sampler.superhard_share applies to pairs=paired only; with "
                           "pairs=inbatch the windows of a clip are its aligned one and k hard ones.")
-    if cfg.loss.kind == "ce" and sm.pairs != "paired":
-        raise ConfigError("loss.kind=ce scores (clip, audio) pairs one by one: it needs "
-                          "sampler.pairs=paired; use contrastive or infonce with inbatch.")
-    loggers = list(cfg.train.loggers)
-    if not all(isinstance(x, str) and x in LOGGERS for x in loggers) or len(set(loggers)) < len(loggers):
-        raise ConfigError(f"train.loggers={loggers}: give a list of distinct names from "
-                          f"{', '.join(LOGGERS)} (e.g. train.loggers=[tensorboard,wandb]).")
+
+
+def _check_loader(cfg: Config) -> None:
     if cfg.loader.kind == "decord":
         import importlib.util
         if importlib.util.find_spec("decord") is None:
             raise ConfigError("loader.kind=decord but decord is not installed: pip install "
                               "decord (or pip install 'fastavts[decord]'), or use loader.kind="
                               "pyav, memory or dali.")
+
+
+def _check_train(cfg: Config) -> None:
+    loggers = list(cfg.train.loggers)
+    if not all(isinstance(x, str) and x in LOGGERS for x in loggers) or len(set(loggers)) < len(loggers):
+        raise ConfigError(f"train.loggers={loggers}: give a list of distinct names from "
+                          f"{', '.join(LOGGERS)} (e.g. train.loggers=[tensorboard,wandb]).")
     if "wandb" in loggers and not cfg.train.wandb_project.strip():
         raise ConfigError("train.wandb_project is empty: name the Weights & Biases project "
                           "(train.wandb_project=NAME).")
@@ -588,20 +589,34 @@ def validate(cfg: Config) -> None:
     if len(ps) != 3 or not all(isinstance(x, int) and x >= 0 for x in ps) or ps[2] < 1:
         raise ConfigError(f"train.profile_steps must be [wait, warmup, active] whole numbers "
                           f"with active >= 1, got {list(ps)}.")
-    if cfg.loss.symmetric and cfg.loss.kind != "infonce":
-        raise ConfigError(f"loss.symmetric=true reads InfoNCE's pairs both ways; loss.kind="
-                          f"{cfg.loss.kind} has no such reading: use loss.kind=infonce or "
-                          f"loss.symmetric=false.")
-    if cfg.loss.impl == "triton" and cfg.loss.kind == "ce":
-        raise ConfigError("loss.impl=triton: the fused kernels compute loss.kind=contrastive and "
-                          "infonce; loss.kind=ce has the reference only (use impl=auto).")
-    if cfg.loss.gather_negatives == "on" and cfg.loss.kind == "ce":
-        raise ConfigError("loss.gather_negatives=on: loss.kind=ce scores pairs one by one and has "
-                          "no negatives to gather; use contrastive or infonce, or "
-                          "gather_negatives=off.")
-    if not all(isinstance(e, str) and e.startswith(".") for e in p.extensions):
-        raise ConfigError(f"prepare.extensions must be a list like ['.mp4', '.webm'], "
-                          f"got {list(p.extensions)}.")
+
+
+def _check_across(cfg: Config) -> None:
+    """Rules that join sections: clip length and segments, the sync tolerance and the shifts,
+    and what the loss kind refuses of the sampler, the model and the implementation."""
+    p, d, sm, lc = cfg.prepare, cfg.data, cfg.sampler, cfg.loss
+    if 0 < p.segment_seconds < d.clip_seconds:
+        raise ConfigError(
+            f"prepare.segment_seconds={p.segment_seconds} is shorter than one clip "
+            f"({d.clip_frames} frames x stride {d.frame_stride} at {d.fps} fps = "
+            f"{d.clip_seconds:.2f} s); use 0 (no segments) or at least {d.clip_seconds:.2f}.")
+    if p.segment_seconds > 0:
+        seg_frames = p.segment_seconds * d.fps
+        if abs(seg_frames - round(seg_frames)) > 1e-6 or round(seg_frames) % p.keyframe_interval:
+            raise ConfigError(
+                f"prepare.segment_seconds={p.segment_seconds} at data.fps={d.fps} gives "
+                f"{seg_frames:g} frames per segment, which must be a whole multiple of "
+                f"prepare.keyframe_interval={p.keyframe_interval}.")
+    if not 0 < lc.sync_tol < sm.hard_min_shift:
+        raise ConfigError(f"loss.sync_tol={lc.sync_tol} must lie in (0, sampler.hard_min_shift="
+                          f"{sm.hard_min_shift}): windows closer than sync_tol to the clip count "
+                          f"as aligned, hard negatives are at least hard_min_shift away.")
+    if sm.superhard_share > 0 and sm.superhard_min_shift <= lc.sync_tol:
+        raise ConfigError(f"sampler.superhard_min_shift={sm.superhard_min_shift} must exceed "
+                          f"loss.sync_tol={lc.sync_tol}: a super-hard negative that close to its "
+                          f"clip is an aligned window.")
+    from .objectives import Objective
+    Objective.named(lc.kind).check(cfg)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -4,37 +4,19 @@ train, and evaluate sync on held-out synthetic videos.
     data/demo/synth_train   -> prepare -> data/demo/train     (train.demo_videos videos)
     data/demo/synth_heldout -> prepare -> data/demo/heldout   (train.demo_heldout, other seed)
 
-The preset below sits under the user's YAML file and overrides: on a CPU, tiny towers keeping
-4 time bins, the video tower's stem striding 4 in space (its first stage at 8x8) and 2 in time,
-on 32x32 crops (of 36-px frames) of 16 frames taken every other one (80 ms apart: the 1.28 s
-window; the stages see 8 time steps, the stem every frame), InfoNCE over in-batch
-pairs with a video's two clips in the same batch (each clip's sound is a hard negative for the
-other: sampler.group_clips), VP9, and the in-memory loader;
-on a GPU, R(2+1)D-18 on 16 x 112 x 112 with H.264 for NVDEC and DALI, the same pairing.
+The preset below sits under the user's YAML file and overrides (the layer a shipped config
+that runs without train.data says it sits on). On a CPU: tiny towers keeping 4 time bins, the
+video tower's stem striding 4 in space (its first stage at 8x8) and 2 in time, on 32x32 crops
+(of 36-px frames) of 16 frames taken every other one (80 ms apart: the 1.28 s window; the
+stages see 8 time steps), InfoNCE over in-batch pairs with a video's two clips in the same
+batch (each clip's sound is a hard negative for the other: sampler.group_clips), VP9, and the
+in-memory loader (the 160 videos fit in RAM decoded, so each is decoded once and batches are
+cut from memory); channels_last_3d off (the tiny convolutions run slower in it on a CPU).
+On a GPU: R(2+1)D-18 on 16 x 112 x 112 with H.264 for NVDEC and DALI, the same pairing.
 
-Where the CPU budget goes (2-core dev machine, bench/profile_demo.py; docs/training.md has the
-tables): with 48-px crops and one extra hard window per clip a step took ~270 ms (video tower
-forward + backward ~2/3 of it, the log-mel of 64 windows ~17 ms), the first epoch decoded the
-160 videos one at a time (17.7 s), synthesis and prepare 82 s; the whole demo ~740-840 s for
-98.97 % / 97.24 %. Now: 32-px crops (the video tower 2.6x cheaper), the other clip of the same
-video as the hard negative (no extra audio window: half the audio tower and log-mel), videos
-decoded up front on both cores through one reused scaler context: ~170 ms a step, 476 s for
-98.97 % / 97.50 % (AUC 0.9998 / 0.9899). Then: the sets written as MJPEG + PCM sources for
-prepare (demo_sets) and rendered over each shape's box only, the log-mel cut from each video's
-whole-sound log-mel (the memory loader's _LogMelCache): data ~27 s, ~145 ms a step, nearly all
-of it the towers; and the video stem striding 4 (model.tiny_stem_stride): the video tower 84 ->
-~40 ms forward + backward, ~95 ms a step, ~255 s for the whole demo at the same accuracy within
-the spread of seeds (docs/training.md). Third pass: the step's convolutions run as the cheaper
-2D ones they equal on the CPU (models.video.FactorConv3d; the audio input BN folded into the
-first convolution), the batch normalised in one go (video_batch_transform): ~18 % off a step
-(bench/bench_demo_step.py); that time bought 16 frames 80 ms apart instead of 8 frames 160 ms
-apart (the stem striding 2 in time): many hard negatives the old clips accepted were windows
-whose impacts fall within 50 ms of the clip's, which 160-ms frames cannot tell apart
-(bench/sync_errors.py; docs/training.md, "Third pass"). The in-memory loader: the 160 training videos fit in
-0.11 GiB decoded, so each is decoded once and batches are cut from RAM; channels_last_3d is
-slower for these tiny convs on this CPU, so the CPU preset turns it off. What else was tried
-against the 300-s target (smaller crops, fewer steps, more videos, other rates and losses):
-docs/training.md.
+What the demo achieves is in docs/training.md ("The demo"); how the preset was found (profiles,
+recipes tried, error analysis) in docs/journal/2026-12-02-cpu-demo-three-passes.md. A change of
+either preset fails tests/test_config.py until the demo is measured again.
 """
 from __future__ import annotations
 

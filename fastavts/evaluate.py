@@ -2,14 +2,15 @@
 
 On a held-out prepared set the eval-mode sampler makes fixed (clip, window) pairs: half
 positives, the negatives half easy (another video) and half hard (same video, shifted by at
-least hard_min_shift). The model scores each pair (minus the embedding distance; the sync
-classifier's logit margin for loss.kind=ce). Videos are split in two halves by position in the
-manifest: the threshold is chosen on the validation half (best accuracy over all its pairs) and
-the reported accuracies and ROC AUCs come from the test half:
+least hard_min_shift). The model scores each pair as its objective does
+(fastavts/objectives.py: minus the embedding distance; the sync classifier's logit margin for
+loss.kind=ce). Videos are split in two halves by position in the manifest: the threshold is
+chosen on the validation half (best accuracy over all its pairs) and the reported accuracies
+and ROC AUCs come from the test half:
 
   sync_acc_easy  accuracy over the test positives and easy negatives
   sync_acc_hard  accuracy over the test positives and hard negatives
-  auc_easy / auc_hard  ROC AUC of positives against each kind (threshold-free)
+  auc_easy / auc_hard  ROC AUC of positives against each negative role (threshold-free)
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from contextlib import nullcontext
 
 import numpy as np
 
-from .data.sampler import EASY, HARD, POSITIVE
+from .pairs import Role
+
+POSITIVE, EASY, HARD = int(Role.POSITIVE), int(Role.EASY), int(Role.HARD)
 
 
 def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -49,20 +52,19 @@ def best_threshold(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(cands[int(np.argmax(acc))])
 
 
-def collect(model, loader, loss_kind: str, device, autocast) -> dict:
-    """Scores, kinds and video indices of every eval pair."""
+def collect(model, loader, objective, device, autocast) -> dict:
+    """Scores (objective.scores: fastavts/objectives.py), roles and video indices of every eval
+    pair."""
     import torch
 
-    from .losses import sync_scores
-
     model.eval()
-    out = {"score": [], "kind": [], "video": []}
+    out = {"score": [], "role": [], "video": []}
     with torch.no_grad(), autocast():
         for b in loader.epoch(0):
             v, a, fv, fa = model(b["video"].to(device, non_blocking=True),
                                  b["audio"].to(device, non_blocking=True))
-            out["score"].append(sync_scores(model, v, a, fv, fa, loss_kind).float().cpu().numpy())
-            out["kind"].append(b["kind"].numpy())
+            out["score"].append(objective.scores(model, v, a, fv, fa).float().cpu().numpy())
+            out["role"].append(b["role"].numpy())
             out["video"].append(b["clip_video"].numpy())
     model.train()
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -71,22 +73,22 @@ def collect(model, loader, loss_kind: str, device, autocast) -> dict:
 def sync_metrics(r: dict) -> dict:
     val = r["video"] % 2 == 0
     test = ~val
-    thr = best_threshold(r["score"][val], r["kind"][val] == POSITIVE)
+    thr = best_threshold(r["score"][val], r["role"][val] == POSITIVE)
     pred = r["score"] >= thr
 
     def acc(neg_kind):
-        m = test & ((r["kind"] == POSITIVE) | (r["kind"] == neg_kind))
-        return float((pred[m] == (r["kind"][m] == POSITIVE)).mean()) if m.any() else float("nan")
+        m = test & ((r["role"] == POSITIVE) | (r["role"] == neg_kind))
+        return float((pred[m] == (r["role"][m] == POSITIVE)).mean()) if m.any() else float("nan")
 
-    pos = r["score"][test & (r["kind"] == POSITIVE)]
+    pos = r["score"][test & (r["role"] == POSITIVE)]
     return dict(
         sync_acc_easy=round(acc(EASY), 4), sync_acc_hard=round(acc(HARD), 4),
-        auc_easy=round(roc_auc(pos, r["score"][test & (r["kind"] == EASY)]), 4),
-        auc_hard=round(roc_auc(pos, r["score"][test & (r["kind"] == HARD)]), 4),
+        auc_easy=round(roc_auc(pos, r["score"][test & (r["role"] == EASY)]), 4),
+        auc_hard=round(roc_auc(pos, r["score"][test & (r["role"] == HARD)]), 4),
         threshold=round(thr, 5),
-        eval_pairs=dict(positive=int((test & (r["kind"] == POSITIVE)).sum()),
-                        easy=int((test & (r["kind"] == EASY)).sum()),
-                        hard=int((test & (r["kind"] == HARD)).sum()),
+        eval_pairs=dict(positive=int((test & (r["role"] == POSITIVE)).sum()),
+                        easy=int((test & (r["role"] == EASY)).sum()),
+                        hard=int((test & (r["role"] == HARD)).sum()),
                         validation=int(val.sum())))
 
 
@@ -103,12 +105,13 @@ def evaluate_sync(model, cfg, root, device, autocast=nullcontext,
                   clips_per_video: int = 32) -> dict:
     from .data.checks import check_dataset
     from .data.loader import make_loader
+    from .objectives import objective
 
     c = eval_config(cfg, clips_per_video)
     check_dataset(c, root, "dataset")
     loader = make_loader(c, root, mode="eval", rank=0, world_size=1)
     try:
-        r = collect(model, loader, cfg.loss.kind, device, autocast)
+        r = collect(model, loader, objective(cfg), device, autocast)
     finally:
         loader.close()
     return sync_metrics(r)

@@ -17,11 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def load_model(checkpoint: str | Path, device):
-    """(model in eval mode, cfg) from a training checkpoint or a `fastavts export` folder."""
-    from .export import load_model as _load
-    return _load(checkpoint, device)
+from .models.avts import load_model  # (model, cfg) from a checkpoint or an export folder
 
 
 def offset_curve(model, cfg, ds, record: dict, max_shift: int, clips: int, device) -> dict:

@@ -83,7 +83,7 @@ def windows_of(wave: np.ndarray, geo, hop: int) -> np.ndarray:
 
 def _cache_key(checkpoint, scratch, layer, dataset, items, cfg) -> str:
     h = hashlib.sha1()
-    from .export import weights_file
+    from .checkpoint import weights_file
     w = weights_file(checkpoint)       # a checkpoint file, or an export's model.safetensors
     st = w.stat()
     h.update(json.dumps([str(w.resolve()), st.st_size, st.st_mtime_ns, scratch,
@@ -180,7 +180,7 @@ def probe_audio(checkpoint: str | Path, dataset: str, root: str | Path, *, layer
                 batch_size: int = 256, progress: bool = True) -> dict:
     import torch
 
-    from .offset import load_model
+    from .models.avts import load_model
 
     t0 = time.perf_counter()
     items = read_audio_set(dataset, root)

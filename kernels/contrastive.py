@@ -56,6 +56,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..pairs import Cell
+
 try:  # triton is a dependency, but the reference must work where it cannot be imported
     import triton
     import triton.language as tl
@@ -67,17 +69,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # on a GPU sets it: autotuning every test's distinct shape would take minutes; the benchmarks
 # autotune and check the loss they get against eager PyTorch at their own sizes)
 AUTOTUNE = os.environ.get("FASTAVTS_AUTOTUNE", "1") != "0"
-POS, EASY, HARD, IGNORED = 0, 1, 2, 3
+# the loss-matrix cell codes (fastavts/pairs.py: Cell), as plain ints for the kernels
+POS, EASY, HARD, IGNORED = (int(c) for c in (Cell.POS, Cell.EASY, Cell.HARD, Cell.IGNORED))
 IMPLS = ("auto", "triton", "reference")
 
 
 # --------------------------------------------------------------------------------------------
 # Reference (plain PyTorch, materialises the B x M matrix)
 
-def pair_kinds(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift: float = 0.5,
+def pair_cells(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift: float = 0.5,
                sync_tol: float = 0.02):
-    """(B, M) int8 kinds of all clip-audio pairs. A negative id marks padding (columns gathered
-    from ranks with fewer): every pair with it is ignored."""
+    """(B, M) int8 loss-matrix cells (fastavts.pairs.Cell) of all clip-audio pairs. A negative
+    id marks padding (columns gathered from ranks with fewer): every pair with it is ignored."""
     same = clip_video[:, None] == audio_video[None, :]
     gap = (clip_t0[:, None].double() - audio_t0[None, :].double()).abs()
     # hard wins where the two ranges overlap (sync_tol >= hard_min_shift); torch.where, not
@@ -88,6 +91,9 @@ def pair_kinds(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift: float
     kind = torch.where(same, kind, EASY)
     pad = (clip_video[:, None] < 0) | (audio_video[None, :] < 0)
     return torch.where(pad, IGNORED, kind).to(torch.int8)
+
+
+pair_kinds = pair_cells   # the name before fastavts.pairs (kept for importers)
 
 
 def _weighted_mean(values, mask):
@@ -125,7 +131,7 @@ def inbatch_reference(v, a, clip_video, clip_t0, audio_video, audio_t0, *, margi
     """All B x M pairs, computed in fp32 (float64 for float64 inputs)."""
     dt = torch.float64 if v.dtype == torch.float64 else torch.float32
     d = torch.cdist(v.to(dt), a.to(dt))                       # (B, M)
-    kinds = pair_kinds(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift, sync_tol)
+    kinds = pair_cells(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift, sync_tol)
     return contrastive_terms(d, kinds, margin, hard_share)
 
 
@@ -135,7 +141,7 @@ def reference_sums(v, a, clip_video, clip_t0, audio_video, audio_t0, *, margin=1
     branch-free (no host sync); fp32, float64 for float64 inputs."""
     dt = torch.float64 if v.dtype == torch.float64 else torch.float32
     d = torch.cdist(v.to(dt), a.to(dt))
-    kinds = pair_kinds(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift, sync_tol)
+    kinds = pair_cells(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift, sync_tol)
     hinge = F.relu(margin - d).pow(2)
     masks = [kinds == POS, kinds == EASY, kinds == HARD]
     sums = torch.stack([(v_ * m).sum() for v_, m in zip((d.pow(2), hinge, hinge), masks)])

@@ -55,7 +55,7 @@ from .contrastive import (  # noqa: F401
     _prep_times,
     _use_triton,
     gather_columns,
-    pair_kinds,
+    pair_cells,
     world_scale,
 )
 
@@ -111,7 +111,7 @@ def loss_from_rows(logz, logp, npos, group=None):
 def inbatch_infonce_reference(v, a, clip_video, clip_t0, audio_video, audio_t0, *,
                               temperature=0.1, hard_min_shift=0.5, sync_tol=0.02):
     """The loss on one process, all B x M pairs in memory (fp32; float64 for float64 inputs)."""
-    kinds = pair_kinds(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift, sync_tol)
+    kinds = pair_cells(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift, sync_tol)
     return loss_from_rows(*infonce_rows_reference(v, a, kinds, temperature))
 
 
@@ -329,7 +329,7 @@ def inbatch_infonce_loss(v, a, clip_video, clip_t0, audio_video, audio_t0, *,
         a, audio_video, audio_t0 = gather_columns(a, audio_video, audio_t0, group,
                                                   gather_capacity)
     if not _use_triton(impl, v):
-        kinds = pair_kinds(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift, sync_tol)
+        kinds = pair_cells(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift, sync_tol)
         return loss_from_rows(*infonce_rows_reference(v, a, kinds, temperature), group=group)
     if a.dtype != v.dtype:
         a = a.to(v.dtype)

@@ -9,21 +9,23 @@ import torch
 
 import fastavts.train as tr
 from fastavts.config import build_config
+from fastavts.objectives import Objective
 
 out = Path(sys.argv[1])
 rank = int(os.environ["RANK"])
-real, calls = tr.compute_loss, {"n": 0}
+torch.set_num_threads(1)
+cfg = build_config(overrides=sys.argv[2:])
+kind = Objective.named(cfg.loss.kind)
+real, calls = kind.loss, {"n": 0}
 
 
-def nan_on_rank1_step2(*a, **k):
+def nan_on_rank1_step2(self, *a, **k):
     calls["n"] += 1
-    loss = real(*a, **k)
+    loss = real(self, *a, **k)
     return loss * float("nan") if rank == 1 and calls["n"] == 2 else loss
 
 
-tr.compute_loss = nan_on_rank1_step2
-torch.set_num_threads(1)
-cfg = build_config(overrides=sys.argv[2:])
+kind.loss = nan_on_rank1_step2
 r = tr.train(cfg, out / "run", progress=False)
 if rank == 0:   # rank 0 wrote the checkpoint before train() returned
     state = torch.load(out / "run" / "checkpoints" / "last.pt", weights_only=False)

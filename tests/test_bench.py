@@ -179,9 +179,9 @@ def test_profile_demo_accounts_for_the_training_time(tmp_path):
     assert 0 <= row["sync_acc_easy"] <= 1
     import torch
 
-    import fastavts.train
+    import fastavts.train.loop
     assert not isinstance(torch.profiler.record_function, profile_demo.Ranges)   # put back
-    assert fastavts.train.make_loader.__module__ == "fastavts.data.loader"
+    assert fastavts.train.loop.make_loader.__module__ == "fastavts.data.loader"
 
 
 def test_bench_demo_step_times_both_ways_and_puts_the_rewrites_back(tmp_path):

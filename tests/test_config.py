@@ -108,3 +108,46 @@ def test_shipped_configs_hold_only_differences_and_start_with_their_command(path
 
 def test_configs_folder_is_not_empty():
     assert list((REPO / "configs").glob("*.yaml"))
+
+
+# --------------------------------------------------------------------------------------------
+# what shipped configs sit on, pinned
+
+def test_shipped_configs_and_presets_resolve_to_their_pinned_settings():
+    """A default, a demo preset or a shipped file that changes fails here until the recipe
+    is measured again and the pins rewritten (python tests/pinned_configs.py)."""
+    import json
+
+    import pinned_configs
+
+    pinned = json.loads(pinned_configs.PINS.read_text())
+    now = pinned_configs.resolved()
+    assert sorted(now) == sorted(pinned), "a shipped config was added or removed: re-pin"
+    for name in now:
+        was, got = pinned[name], now[name]
+        changed = [f"{s}.{k}: {was['settings'][s].get(k)!r} -> {v!r}"
+                   for s, section in got["settings"].items() for k, v in section.items()
+                   if was["settings"].get(s, {}).get(k) != v]
+        assert got["on"] == was["on"] and not changed, (
+            f"{name} (on {got['on']}) resolves to other settings than those pinned: "
+            f"{changed}. Measure the recipe again, update its figures, then run python "
+            f"tests/pinned_configs.py")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_a_shipped_config_states_what_it_sits_on_and_a_preset_cannot_leak_into_it(path):
+    """The 'Sits on:' line says how the command builds the file: a training recipe launched
+    without train.data runs on the demo's set, under its preset; one that sits on a preset
+    sets every key the preset sets, so the preset cannot change it."""
+    import pinned_configs
+
+    from fastavts.config import _parse_overrides
+
+    base = pinned_configs.base_of(path)
+    command = path.read_text().splitlines()[0]
+    demo = command.startswith("# fastavts train") and "train.data=" not in command
+    assert (base != "the defaults") == demo, f"{path.name}: sits on {base}, launched {command}"
+    tree = load_yaml(path)
+    for section, values in _parse_overrides(pinned_configs.preset(base)).items():
+        missing = set(values) - set(tree.get(section, {}))
+        assert not missing, f"{path.name} leaves {section}.{sorted(missing)} to {base}"

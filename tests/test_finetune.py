@@ -224,7 +224,7 @@ def _fake_two_gpu_rank(monkeypatch):
 def test_the_rank_device_is_set_before_the_process_group_starts(monkeypatch):
     import torch
 
-    from fastavts.train import setup_distributed
+    from fastavts.runtime import setup_distributed
 
     calls = _fake_two_gpu_rank(monkeypatch)
     rank, world, device = setup_distributed()
@@ -239,6 +239,7 @@ def test_the_rank_device_is_set_before_the_process_group_starts(monkeypatch):
 
 def test_finetune_and_train_start_their_ranks_through_setup_distributed(
         ucf, tiny_checkpoint, tmp_path, monkeypatch):
+    import fastavts.runtime as runtime
     import fastavts.train as tr
     from fastavts.finetune import finetune
 
@@ -248,7 +249,7 @@ def test_finetune_and_train_start_their_ranks_through_setup_distributed(
     def sentinel():
         raise Started
 
-    monkeypatch.setattr(tr, "setup_distributed", sentinel)
+    monkeypatch.setattr(runtime, "setup_distributed", sentinel)
     with pytest.raises(Started):
         finetune(tiny_checkpoint, "ucf101", ucf, ucf / "prepared", 1, out=tmp_path / "f")
     from fastavts.config import build_config

@@ -201,7 +201,7 @@ def test_kinds_at_the_boundaries_match_the_reference(dtype):
     at = torch.tensor([1.0, 1.02, 1.5, 0.5, 1.49999, 1.0200001, 0.98, 2.0] * 5,
                       device=at.device)
     for sync_tol, hard in ((0.02, 0.5), (0.5, 0.5), (0.0, 1.0)):
-        kinds = C.pair_kinds(cv, ct, av, at, hard, sync_tol)
+        kinds = C.pair_cells(cv, ct, av, at, hard, sync_tol)
         assert (kinds == C.POS).any() and (kinds == C.HARD).any()
         _compare_inbatch(f"tol={sync_tol} hard={hard} {dtype}", v, a, cv, ct, av, at, dtype,
                          sync_tol=sync_tol, hard_min_shift=hard, hard_share=0.5)
@@ -291,7 +291,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
 
 def test_pooled_negatives_are_one_mean_over_every_negative_pair():
     v, a, cv, ct, av, at = _inbatch(20, 40, 8, torch.float64, seed=9)
-    kinds = C.pair_kinds(cv, ct, av, at, 0.5, 0.25)
+    kinds = C.pair_cells(cv, ct, av, at, 0.5, 0.25)
     d = torch.cdist(v, a)
     neg = (kinds == C.EASY) | (kinds == C.HARD)
     want = 0.5 * d[kinds == C.POS].pow(2).mean() + 0.5 * (1.0 - d[neg]).clamp_min(0).pow(2).mean()

@@ -19,7 +19,7 @@ import torch
 from test_kernel_contrastive import ATOL, ATOL_LOSS, DEVICE, DTYPES, _inbatch, _run, tf32_model  # noqa: F401
 
 from fastavts.kernels import infonce as I
-from fastavts.kernels.contrastive import IGNORED, POS, pair_kinds
+from fastavts.kernels.contrastive import IGNORED, POS, pair_cells
 
 
 def rounding_terms(v, a, cv, ct, av, at, temperature, hard_min_shift, sync_tol):
@@ -31,7 +31,7 @@ def rounding_terms(v, a, cv, ct, av, at, temperature, hard_min_shift, sync_tol):
     dA_j. When one positive dominates a row, pz - pp cancels: relative to |dV| the error is
     large, in absolute terms it is this (float64 quantities)."""
     v, a = v.double(), a.double()
-    kinds = pair_kinds(cv, ct, av, at, hard_min_shift, sync_tol)
+    kinds = pair_cells(cv, ct, av, at, hard_min_shift, sync_tol)
     logits = -torch.cdist(v, a).pow(2) / temperature
     pos, keep = kinds == POS, kinds != IGNORED
     rows = pos.any(1, keepdim=True)
@@ -77,7 +77,7 @@ def test_reference_is_the_definition():
     av = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, -1, 4, 0])
     at = torch.tensor([0.0, 1.0, 0.2, 0.0, 0.9, 9.0, 0.0, 0.01, 0.0, 0.3, 0.0])
     T = 0.3
-    kinds = pair_kinds(cv, ct, av, at, 0.5, 0.02)
+    kinds = pair_cells(cv, ct, av, at, 0.5, 0.02)
     terms = []
     for i in range(7):
         num, den = [], []
@@ -138,7 +138,7 @@ def test_the_trainers_infonce_is_this_loss():
     from fastavts.losses import infonce_loss
 
     v, a, cv, ct, av, at = _inbatch(40, 80, 16, torch.float64, seed=3)
-    kinds = pair_kinds(cv, ct, av, at, 0.5, 0.25)
+    kinds = pair_cells(cv, ct, av, at, 0.5, 0.25)
     want = infonce_loss(v, a, kinds, 0.1)
     got = I.inbatch_infonce_loss(v, a, cv, ct, av, at, temperature=0.1, hard_min_shift=0.5,
                                  sync_tol=0.25, impl="reference")

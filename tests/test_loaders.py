@@ -59,7 +59,7 @@ def assert_same_crop(x, y):
         assert (same < moved).float().mean() > 0.95
 
 
-META = ["label", "kind", "clip_video", "clip_t0", "audio_video", "audio_t0", "audio_owner"]
+META = ["label", "role", "clip_video", "clip_t0", "audio_video", "audio_t0", "audio_owner"]
 
 
 @pytest.mark.parametrize("pairs", ["pairs=paired", "pairs=inbatch", "paired_windows=2"])
@@ -71,7 +71,7 @@ def test_dali_and_pyav_give_the_same_batches(one_object, pairs):
         n += 1
         for k in META:
             assert torch.equal(a[k], b[k]), k
-        B, M = len(a["clip_video"]), len(a["kind"])
+        B, M = len(a["clip_video"]), len(a["role"])
         assert a["video"].shape == b["video"].shape == (B, 3, 16, 112, 112)
         assert a["audio"].shape == b["audio"].shape == (M, 1, 64, 128)
         assert M == {"pairs=inbatch": 3 * B, "paired_windows=2": 2 * B}.get(pairs, B)
@@ -124,7 +124,7 @@ def test_positive_windows_sound_where_the_clip_shows_impacts(one_object, kind):
             if not contacts:
                 continue
             row = (share_matched(contacts, onsets, tol), share_matched(onsets, contacts, tol))
-            {POSITIVE: pos, HARD: hard}[int(b["kind"][i])].append(row)
+            {POSITIVE: pos, HARD: hard}[int(b["role"][i])].append(row)
     pos, hard = np.array(pos), np.array(hard)
     print(kind, "positives", pos.mean(0), len(pos), "hard", hard.mean(0), len(hard))
     assert len(pos) >= 8 and len(hard) >= 8
@@ -227,7 +227,7 @@ def test_memory_loader_gives_the_pyav_batches(root, request):
         n = 0
         for a, b in zip(mem.epoch(epoch), pyav.epoch(epoch)):
             n += 1
-            positives += int((a["kind"] == POSITIVE).sum())
+            positives += int((a["role"] == POSITIVE).sum())
             for k in META:
                 assert torch.equal(a[k], b[k]), k
             assert a["video"].shape == (6, 3, 16, 112, 112)
@@ -323,7 +323,7 @@ def test_several_dali_pipelines_give_the_batches_of_one(one_object):
     want = list(one.epoch(2))
     assert len(got) == len(want) == len(one)
     for a, b in zip(got, want):
-        assert torch.equal(a["video"], b["video"]) and torch.equal(a["kind"], b["kind"])
+        assert torch.equal(a["video"], b["video"]) and torch.equal(a["role"], b["role"])
 
 
 def test_a_damaged_file_with_several_pipelines(one_object, tmp_path):

@@ -11,7 +11,7 @@ from fastavts.losses import (
     POS,
     inbatch_contrastive_loss,
     infonce_loss,
-    pair_kinds,
+    pair_cells,
     paired_contrastive_loss,
 )
 
@@ -29,12 +29,12 @@ def test_paired_contrastive_by_hand():
         (0 + 1 + 2.25) / 3)
 
 
-def test_pair_kinds_by_hand():
+def test_pair_cells_by_hand():
     clip_video = torch.tensor([0, 1])
     clip_t0 = torch.tensor([1.0, 2.0])
     audio_video = torch.tensor([0, 0, 0, 1, 0])
     audio_t0 = torch.tensor([1.01, 1.3, 1.5, 2.0, 3.0])
-    k = pair_kinds(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift=0.5, sync_tol=0.02)
+    k = pair_cells(clip_video, clip_t0, audio_video, audio_t0, hard_min_shift=0.5, sync_tol=0.02)
     assert k.tolist() == [[POS, IGNORED, HARD, EASY, HARD],
                           [EASY, EASY, EASY, POS, EASY]]
 
@@ -73,7 +73,7 @@ def test_contrastive_gradients_in_float64():
     def f(v, a):
         d = torch.cdist(v, a)
         from fastavts.losses import contrastive_terms
-        return contrastive_terms(d, pair_kinds(cv, ct, at, aa), margin=2.0, hard_share=0.3)
+        return contrastive_terms(d, pair_cells(cv, ct, at, aa), margin=2.0, hard_share=0.3)
     assert torch.autograd.gradcheck(f, (v, a))
 
 
@@ -107,7 +107,7 @@ def test_symmetric_infonce_is_the_mean_of_both_directions():
     computation, value and gradients; columns without a positive clip (a window of a video with
     no clip in the batch) and ignored pairs (near-aligned) are left out as in rows."""
     from fastavts.config import build_config
-    from fastavts.train import compute_loss
+    from fastavts.objectives import objective
 
     cfg = build_config(overrides=["loss.kind=infonce", "sampler.pairs=inbatch",
                                   "loss.symmetric=true", "loss.impl=reference",
@@ -122,8 +122,8 @@ def test_symmetric_infonce_is_the_mean_of_both_directions():
     a = torch.randn(9, 5, generator=g, requires_grad=True)
     batch = dict(clip_video=clip_video, clip_t0=clip_t0, audio_video=audio_video,
                  audio_t0=audio_t0)
-    got = compute_loss(None, cfg, batch, v, a, None, None)
-    kinds = pair_kinds(clip_video, clip_t0, audio_video, audio_t0,
+    got = objective(cfg).loss(None, batch, v, a, None, None)
+    kinds = pair_cells(clip_video, clip_t0, audio_video, audio_t0,
                        cfg.sampler.hard_min_shift, cfg.loss.sync_tol)
     assert (kinds == IGNORED).any() and (kinds == HARD).any()   # the case covers both
     rows, cols = _infonce_both_ways_float64(v, a, kinds, 0.3)

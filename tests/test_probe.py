@@ -119,7 +119,7 @@ def test_features_are_the_mean_of_the_training_windows(dcase, checkpoint):
     """Independent path: windows cut by the training loaders' audio_window from a bank-like
     record of the file's samples, log-mel, audio_net, mean over windows."""
     from fastavts.data.features import AudioGeometry, LogMel, audio_window
-    from fastavts.offset import load_model
+    from fastavts.models.avts import load_model
     from fastavts.probe import extract
 
     model, cfg = load_model(checkpoint, torch.device("cpu"))

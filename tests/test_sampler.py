@@ -29,7 +29,7 @@ def test_curriculum_schedule_is_followed_by_the_batches():
     s, cfg = make("sampler.curriculum=[[0,0.0],[2,0.5],[4,1.0]]", "sampler.curriculum_unit=epoch",
                   "sampler.clips_per_video=8", batch=16, total_epochs=6)
     for epoch, want in [(0, 0.0), (1, 0.0), (2, 0.5), (3, 0.5), (4, 1.0), (5, 1.0)]:
-        kinds = np.concatenate([s.plan(epoch, b)["kind"] for b in range(len(s))])
+        kinds = np.concatenate([s.plan(epoch, b)["role"] for b in range(len(s))])
         neg = kinds[kinds != POSITIVE]
         share = np.mean(neg == HARD)
         print(epoch, want, share, len(neg))
@@ -47,7 +47,7 @@ def test_inbatch_hard_windows_follow_the_schedule_as_sampled_shares(share_as):
                   "sampler.clips_per_video=8", batch=16, total_epochs=6)
     for epoch, want in [(0, 0.0), (1, 0.0), (2, 0.25), (3, 0.25), (4, 0.75), (5, 0.75)]:
         plans = [s.plan(epoch, b) for b in range(len(s))]
-        kinds = np.concatenate([p["kind"] for p in plans])
+        kinds = np.concatenate([p["role"] for p in plans])
         extra = kinds.reshape(-1, 3)[:, 1:].ravel()           # the k=2 windows after each aligned one
         assert (kinds.reshape(-1, 3)[:, 0] == POSITIVE).all()
         fallback = sum(p["fallback_easy"] for p in plans)      # hard that could not fit: easy
@@ -124,8 +124,8 @@ def test_negatives_follow_their_rules():
     for b in range(len(s)):
         p = s.plan(0, b)
         fallbacks += p["fallback_easy"]
-        for i in range(len(p["kind"])):
-            cv, av, k = p["clip_video"][i], p["audio_video"][i], p["kind"][i]
+        for i in range(len(p["role"])):
+            cv, av, k = p["clip_video"][i], p["audio_video"][i], p["role"][i]
             shift = abs(p["audio_t0"][i] - p["clip_t0"][i])
             v = s.videos[av]
             assert -1e-9 <= p["audio_t0"][i] and p["audio_t0"][i] + W <= v["duration"] + 1e-9
@@ -150,9 +150,9 @@ def test_inbatch_pairs_have_one_aligned_and_k_hard_windows_per_clip():
     s, cfg = make("sampler.pairs=inbatch", "sampler.k=2", "sampler.curriculum=[[0,1.0]]")
     p = s.plan(0, 0)
     B = len(p["clip_video"])
-    assert len(p["kind"]) == 3 * B
+    assert len(p["role"]) == 3 * B
     assert np.array_equal(p["audio_owner"], np.repeat(np.arange(B), 3))
-    kinds = p["kind"].reshape(B, 3)
+    kinds = p["role"].reshape(B, 3)
     assert (kinds[:, 0] == POSITIVE).all() and (kinds[:, 1:] == HARD).all()
 
 
@@ -182,10 +182,10 @@ def test_paired_with_two_windows_per_clip():
         plans = [s.plan(epoch, b) for b in range(len(s))]
         for p in plans:
             B = len(p["clip_video"])
-            assert len(p["kind"]) == 2 * B
+            assert len(p["role"]) == 2 * B
             assert np.array_equal(p["audio_owner"], np.repeat(np.arange(B), 2))
-            assert (p["kind"][0::2] == POSITIVE).all() and (p["kind"][1::2] != POSITIVE).all()
-        neg = np.concatenate([p["kind"][1::2] for p in plans])
+            assert (p["role"][0::2] == POSITIVE).all() and (p["role"][1::2] != POSITIVE).all()
+        neg = np.concatenate([p["role"][1::2] for p in plans])
         fallback = sum(p["fallback_easy"] for p in plans) / len(neg)
         got = np.mean(neg == HARD)
         assert abs(got - want) <= 4 * np.sqrt(want * (1 - want) / len(neg)) + fallback + 1e-9
@@ -209,7 +209,7 @@ def test_grouped_clips_share_their_batch_and_give_hard_pairs(world, cpv):
             p = s.plan(2, b)
             counts = np.bincount(p["clip_video"])
             assert set(counts[counts > 0].tolist()) == {cpv}   # each video's clips together
-            assert len(p["kind"]) == 8 and (p["kind"] == POSITIVE).all()   # k=0: M = B
+            assert len(p["role"]) == 8 and (p["role"] == POSITIVE).all()   # k=0: M = B
             # the other clips' aligned windows of the same video: hard negatives for the loss
             # (shifted by >= hard_min_shift), formed from ids and times as the kernel does
             for i in range(8):

@@ -22,7 +22,7 @@ from .sampler import Sampler
 def substitute(plan: dict, bad: set[int]) -> dict:
     """A copy of `plan` where each clip position in `bad` is replaced by the nearest good
     clip of the batch, with that clip's audio windows (the batch keeps its shape, its pair
-    kinds stay true). Raises if no clip of the batch is good."""
+    roles stay true). Raises if no clip of the batch is good."""
     B = len(plan["clip_video"])
     good = [i for i in range(B) if i not in bad]
     if not good:
@@ -38,7 +38,7 @@ def substitute(plan: dict, bad: set[int]) -> dict:
                     "flip"):
             out[key][i] = plan[key][j]
         rows_i, rows_j = np.flatnonzero(owner == i), np.flatnonzero(owner == j)
-        for key in ("audio_video", "audio_t0", "kind", "label"):
+        for key in ("audio_video", "audio_t0", "role", "label"):
             out[key][rows_i] = plan[key][rows_j]
     out["substituted"] = sorted(bad)
     out["donor"] = donor  # bad position -> the good position copied into it
@@ -53,7 +53,7 @@ def plan_meta(plan: dict) -> dict:
         return torch.from_numpy(np.array(a, dtype=dtype))
 
     return dict(
-        label=t(plan["label"], np.int64), kind=t(plan["kind"], np.int64),
+        label=t(plan["label"], np.int64), role=t(plan["role"], np.int64),
         clip_video=t(plan["clip_video"], np.int64), clip_t0=t(plan["clip_t0"], np.float32),
         audio_video=t(plan["audio_video"], np.int64), audio_t0=t(plan["audio_t0"], np.float32),
         audio_owner=t(plan["audio_owner"], np.int64),
@@ -62,7 +62,7 @@ def plan_meta(plan: dict) -> dict:
     )
 
 
-META_KEYS = ("label", "kind", "clip_video", "clip_t0", "audio_video", "audio_t0", "audio_owner")
+META_KEYS = ("label", "role", "clip_video", "clip_t0", "audio_video", "audio_t0", "audio_owner")
 
 
 def pin_meta(batch: dict) -> dict:

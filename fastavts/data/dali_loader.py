@@ -22,7 +22,7 @@ decodes exactly the batches an uninterrupted run would; each pipeline also hands
 an internal error, never a silently mislabelled batch). DALI's spectrogram takes one 1-D signal
 per sample, so the audio windows (M = B in paired mode, B(1+k) in inbatch mode) run in a
 pipeline of their own. Outputs reach torch through DALIGenericIterator (on the GPU, without
-host copies); the plan's bookkeeping (labels, kinds, ids, times) comes from the same plan in
+host copies); the plan's bookkeeping (labels, roles, ids, times) comes from the same plan in
 this process.
 
 Errors: a decode error of `fn.decoders.video` is checked clip by clip with PyAV; the clips
@@ -32,38 +32,23 @@ stop with a message that says what to do; they are not blamed on the data.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 
 import numpy as np
 
 from ..config import ConfigError
+from ..runtime import (  # noqa: F401 (the DALI defaults, resolved in fastavts/runtime.py)
+    NVDEC_ENGINES,
+    Machine,
+    default_threads,
+    default_video_pipelines,
+    resolve_loader,
+)
 from .base_loader import BaseLoader, plan_meta, substitute
 from .features import AudioGeometry, audio_window, hann
 from .sampler import windows_per_clip
-
-# NVDEC engines per GPU (NVIDIA Video Codec SDK support matrix); one video pipeline each.
-NVDEC_ENGINES = {"H200": 7, "H100": 7, "GH200": 7, "B200": 7, "A100": 5, "A30": 4, "L40S": 3,
-                 "L40": 3, "L4": 4, "A10": 1, "T4": 2}
-
-
-def default_video_pipelines(gpu_name: str | None) -> int:
-    """loader.video_pipelines=0 (auto): one per NVDEC engine of the GPU, 4 for GPUs not in
-    the table, 1 on a CPU (the CPU decoder uses the pipeline's threads instead)."""
-    if not gpu_name:
-        return 1
-    for key in sorted(NVDEC_ENGINES, key=len, reverse=True):   # "GH200" before "H200"
-        if key in gpu_name.split() or f" {key}" in f" {gpu_name}":
-            return NVDEC_ENGINES[key]
-    return 4
-
-
-def default_threads(pipelines: int, gpu: bool) -> int:
-    """loader.threads=0 (auto): this rank's share of the cores split over its pipelines, at
-    least 2 (the CPU decoder and the mixed decoder's demuxing run on these threads)."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    cores = max(1, (os.cpu_count() or 2) // max(1, local))
-    return max(2, cores // max(1, pipelines)) if gpu else max(1, cores)
 
 
 def planned(sampler, epoch: int, batch: int, exclude: frozenset) -> dict:
@@ -250,21 +235,9 @@ class DALILoader(BaseLoader):
 
     def __init__(self, cfg, root, *, device: str | None = None, **kw):
         super().__init__(cfg, root, **kw)
-        want = device or cfg.loader.device
-        if want == "auto":
-            import torch
-            want = "gpu" if torch.cuda.is_available() else "cpu"
-        self.device = want
+        lc = cfg.loader if device is None else dataclasses.replace(cfg.loader, device=device)
+        self.device, self.video_pipelines, self.threads = resolve_loader(lc, Machine.here())
         self.device_id = int(os.environ.get("LOCAL_RANK", 0))
-        gpu_name = None
-        if self.device == "gpu":
-            import torch
-            if torch.cuda.is_available():
-                gpu_name = torch.cuda.get_device_name(self.device_id)
-        lc = cfg.loader
-        self.video_pipelines = lc.video_pipelines or (default_video_pipelines(gpu_name)
-                                                      if self.device == "gpu" else 1)
-        self.threads = lc.threads or default_threads(self.video_pipelines, self.device == "gpu")
         if self.device == "cpu":
             codecs = {v.get("codec") for v in self.sampler.videos}
             if codecs - {"vp9", "vp8", "mjpeg"}:
@@ -342,7 +315,7 @@ class DALILoader(BaseLoader):
                     raise RuntimeError(f"internal error: the DALI {name} pipeline made batch "
                                        f"{got[1]} of epoch {got[0]} where batch {b} of epoch "
                                        f"{epoch} was due; please report it")
-            B, M = len(plan["clip_video"]), len(plan["kind"])
+            B, M = len(plan["clip_video"]), len(plan["role"])
             out = dict(video=vout["video"][:B], audio=aout["audio"][:M].unsqueeze(1),
                        **plan_meta(plan))
             b += 1

@@ -25,9 +25,9 @@ _local = threading.local()
 
 def reformatter():
     """This thread's PyAV VideoReformatter, kept for its scaler context: frame.reformat and
-    frame.to_ndarray(format=...) set up a new one for every frame or video (measured: 226 -> 72
-    us a frame for 36-px VP9 to RGB, 280 us - 4 ms -> 50-100 us for prepare's resize), with the
-    same pixels. Used by the readers here and by prepare."""
+    frame.to_ndarray(format=...) set up a new one for every frame or video (several times the
+    cost of the conversion itself on small frames), with the same pixels. Used by the readers
+    here and by prepare."""
     from av.video.reformatter import VideoReformatter
 
     rf = getattr(_local, "reformatter", None)

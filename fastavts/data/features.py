@@ -4,7 +4,7 @@ The PyTorch functions here are the reference twins of the DALI pipeline (dali_lo
 PyAV loader uses them, the tests compare DALI's output with them, and both read windows through
 `audio_window`, so that the two loaders agree sample for sample.
 
-Log-mel of one window (DESIGN.md section 1; the defaults give 128 frames of 64 bands for a
+Log-mel of one window (docs/design.md section 1; the defaults give 128 frames of 64 bands for a
 1.28 s clip, 4 audio frames per video frame at 25 fps):
     frame k is centred at t0 + k * hop and spans win samples (periodic Hann), read from the
     bank with win/2 samples of real context before t0 and after the window's end (no padding)

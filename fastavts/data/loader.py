@@ -5,7 +5,7 @@
         for batch in loader.epoch(epoch):
             batch["video"]   # (B, 3, T, crop, crop) float32, normalised
             batch["audio"]   # (M, 1, n_mels, frames) float32 log-mel; M = B or B(1+k)
-            ...              # label, kind, clip_video, clip_t0, audio_video, audio_t0,
+            ...              # label, role, clip_video, clip_t0, audio_video, audio_t0,
                              # audio_owner (M or B,), hard_share, faults
 
 `loader.kind` is "dali", "pyav", "memory" (frames decoded once and kept in RAM; small sets

@@ -5,10 +5,9 @@ a plan the two give identical video, and the same log-mel to float rounding), th
 from each video's whole-sound log-mel computed once (_LogMelCache).
 
 Why: on a CPU-only machine the DALI CPU pipeline and the PyAV workers decode on the same cores
-the model trains on. Measured for the demo (tiny towers, 8 x 48 x 48 clips, batch 32, 2-core dev
-machine): forward + backward took ~390 ms a step next to the DALI CPU pipeline and ~230 ms
-alone. For a set that fits in memory (the demo's 160 videos at 52 px: 0.24 GiB) decoding once
-is the better use of the cores. On a GPU, DALI decodes on NVDEC and keeps the cores free: use
+the model trains on, and a step next to them is much slower than alone (docs/data.md). For a
+set that fits in memory (the demo's videos, decoded, are a fraction of a GiB) decoding once is
+the better use of the cores. On a GPU, DALI decodes on NVDEC and keeps the cores free: use
 `loader.kind=dali` there and for large sets. The size of the decoded set is checked before
 anything is decoded (`loader.memory_gb`).
 
@@ -85,9 +84,8 @@ class _LogMelCache:
     few 1e-6 dB: the FFT and the mel product group the work differently). Any other window (a
     hard negative shifted off the grid) is computed on its own, as the PyAV loader does.
 
-    Why: the log-mel of 32 windows of 1.28 s was ~10 ms of the CPU demo's ~150 ms step (7 %),
-    and the windows of a video overlap: over training each of its samples went through the
-    STFT hundreds of times."""
+    Why: the windows of a video overlap: window by window, each of its samples would go
+    through the STFT hundreds of times over training, a visible share of a CPU step."""
 
     def __init__(self, bank, videos: list[dict], geo: AudioGeometry, logmel: LogMel):
         self.bank, self.videos, self.geo, self.logmel = bank, videos, geo, logmel

@@ -1,4 +1,4 @@
-"""The sampler: which clip, which audio windows, which pair kinds, for every batch.
+"""The sampler: which clip, which audio windows, which role each window plays (fastavts.pairs.Role), for every batch.
 
 Host side and cheap (numpy only). A batch's plan is a pure function of
 (seed, epoch, batch index, rank, world size), so any process (a DALI worker, a DataLoader
@@ -11,7 +11,7 @@ rng(seed, epoch) and dealt to ranks round-robin (disjoint shards that together c
 Train mode drops each rank's tail so all ranks run the same number of equal batches (the
 dropped items are counted in `dropped_per_epoch`); eval mode keeps a partial last batch.
 
-Pairs (DESIGN.md section 1):
+Pairs (docs/design.md section 1):
 * paired: batch element i is (clip i, audio window i, label). round(B * positive_share)
   positives; each negative is super-hard with probability `superhard_share`, else hard with the
   curriculum's hard share at this step, else easy. With paired_windows=2 each clip brings two
@@ -40,10 +40,12 @@ from dataclasses import asdict
 import numpy as np
 
 from ..config import ConfigError, DataConfig, SamplerConfig
+from ..pairs import ROLE_NAMES, Role, windows_per_clip  # noqa: F401 (re-exported)
 
-POSITIVE, EASY, HARD, SUPERHARD = 0, 1, 2, 3
+# a sampled window's role (fastavts/pairs.py: Role), as plain ints for numpy
+POSITIVE, EASY, HARD, SUPERHARD = (int(r) for r in Role)
 PLAN_CACHE = 64   # plans kept per process (the prefetch depth of every pipeline fits)
-KIND_NAMES = ("positive", "easy", "hard", "superhard")
+KIND_NAMES = ROLE_NAMES   # the name before fastavts.pairs
 
 
 class Curriculum:
@@ -202,7 +204,7 @@ class Sampler:
         """The plan of batch `batch` of `epoch` on this rank (see the module docstring).
 
         Arrays: clip_video, clip_frame, clip_segment, clip_t0, crop_y, crop_x, flip (B,);
-        audio_video, audio_t0, audio_owner, kind, label (M,) with M = B (paired) or B(1+k)."""
+        audio_video, audio_t0, audio_owner, role, label (M,) with M = B (paired) or B(1+k)."""
         if not 0 <= batch < self.batches_per_epoch:
             raise IndexError(f"batch {batch} outside [0, {self.batches_per_epoch})")
         key = (int(epoch), int(batch))
@@ -252,7 +254,7 @@ class Sampler:
         clip_t0 = clip_frame / fps
 
         fallback = 0
-        a_video, a_t0, a_owner, kind = [], [], [], []
+        a_video, a_t0, a_owner, role = [], [], [], []
         if self.cfg.pairs == "paired" and self.cfg.paired_windows == 2:
             # each clip: its aligned window, then one negative drawn as below
             u = rng.random(B)
@@ -266,7 +268,7 @@ class Sampler:
                     a_video.append(vid)
                     a_t0.append(t)
                     a_owner.append(i)
-                    kind.append(k)
+                    role.append(k)
         elif self.cfg.pairs == "paired":
             n_pos = int(round(B * self.cfg.positive_share))
             roles = np.zeros(B, np.int64)
@@ -281,7 +283,7 @@ class Sampler:
                 a_video.append(vid)
                 a_t0.append(t)
                 a_owner.append(i)
-                kind.append(k)
+                role.append(k)
         else:
             # hard_share_as=sample: each extra window is hard with the curriculum's share, else
             # a window of another video; loss_weight: all hard (the loss weighs them)
@@ -295,16 +297,16 @@ class Sampler:
                     a_video.append(vid)
                     a_t0.append(t)
                     a_owner.append(i)
-                    kind.append(k)
-        kind = np.asarray(kind, np.int8)
+                    role.append(k)
+        role = np.asarray(role, np.int8)
         return dict(
             epoch=epoch, batch=batch, rank=self.rank, hard_share=share, mode=self.mode,
             pairs=self.cfg.pairs, fallback_easy=int(fallback),
             clip_video=clip_video, clip_frame=clip_frame, clip_segment=clip_segment,
             clip_t0=clip_t0.astype(np.float64), crop_y=crop_y, crop_x=crop_x, flip=flip,
             audio_video=np.asarray(a_video, np.int64), audio_t0=np.asarray(a_t0, np.float64),
-            audio_owner=np.asarray(a_owner, np.int64), kind=kind,
-            label=(kind == POSITIVE).astype(np.int64),
+            audio_owner=np.asarray(a_owner, np.int64), role=role,
+            label=(role == POSITIVE).astype(np.int64),
         )
 
     def _clip_start(self, v: dict, clip: int, rng) -> int:
@@ -321,8 +323,8 @@ class Sampler:
         return ranges[-1][1]
 
     def _window(self, vi: int, t0: float, want: int, rng) -> tuple[int, float, int]:
-        """(video index, start time, kind) of an audio window of kind `want` for the clip of
-        video vi starting at t0; hard kinds fall back to easy where they cannot fit."""
+        """(video index, start time, role) of an audio window of role `want` for the clip of
+        video vi starting at t0; hard roles fall back to easy where they cannot fit."""
         if want == POSITIVE:
             return vi, t0, POSITIVE
         v = self.videos[vi]
@@ -400,9 +402,3 @@ def _segment_of(v: dict, frame: int) -> int:
         if s["start_frame"] <= frame < s["start_frame"] + s["num_frames"]:
             return j
     raise ValueError(f"frame {frame} is outside video {v['id']}")
-
-
-def windows_per_clip(cfg) -> int:
-    """Audio windows a batch holds per clip: M = batch x this (cfg: a Config)."""
-    sm = cfg.sampler
-    return 1 + sm.k if sm.pairs == "inbatch" else sm.paired_windows

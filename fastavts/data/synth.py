@@ -302,10 +302,9 @@ def encode(path: Path, frames: np.ndarray, audio: np.ndarray, fps: float, sr: in
     """Write a real media file: webm VP9 + Opus, mp4 H.264 + AAC, or mkv MJPEG + 16-bit PCM.
     Single-threaded codecs, so that the same input gives the same bytes.
 
-    mjpeg is a source for `prepare` rather than a training format: JPEG at a fine quantiser
-    (32.7 dB against the rendering; VP9 here: 31-33 dB) and the exact samples, written several
-    times faster than VP9 + Opus and read ~2x faster (one 128-px demo video on the 2-core dev
-    machine: ~0.1 s to write against 0.40 s); the CPU demo's sets are made this way and
+    mjpeg is a source for `prepare` rather than a training format: JPEG at a fine quantiser (as
+    close to the rendering as the VP9 files: tested) and the exact samples, several times
+    cheaper to write and to read than VP9 + Opus; the CPU demo's sets are made this way and
     prepared to VP9."""
     import av
 

@@ -2,8 +2,8 @@
 
 Input (B, 1, n_mels, frames) (64 x 128 for a 1.28 s window); four stages of two 3x3 conv +
 BN + ReLU, each but the last followed by 2x2 max pooling; global average pooling -> (B, C).
-`stem_stride=2` (the tiny net) strides the first convolution: the full-resolution stage was
-over half of a CPU training step of the demo, and 20 ms steps still resolve a 40 ms frame.
+`stem_stride=2` (the tiny net) strides the first convolution: the full-resolution stage is the
+costliest part of a CPU step, and 20 ms steps still resolve a 40 ms video frame.
 
 The input BN's scale g and shift b are folded into the first convolution's weight W,
 conv(g * xhat + b, W) = conv(xhat, g * W) + conv(b * ones, W) (xhat the normalised input, the

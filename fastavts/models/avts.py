@@ -9,10 +9,13 @@ distances lie in [0, 2] and a margin of 1 means "farther than orthogonal".
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from .audio import AUDIO_NETS
 from .video import VIDEO_NETS
 
@@ -77,22 +80,24 @@ class AVTS(nn.Module):
     def from_pretrained(cls, path, towers=("video", "audio"), device="cpu") -> AVTS:
         """A model exported by `fastavts export` (or a training checkpoint), in eval mode, its
         config at `.config`. `towers=("audio",)` builds and loads the audio tower alone."""
-        from ..export import load_model
         model, cfg = load_model(path, device=device, towers=towers)
         model.config = cfg
         return model
 
     @classmethod
     def from_config(cls, cfg, towers=("video", "audio")) -> AVTS:
-        """The model a resolved config describes (cfg.model; the classifier for loss.kind=ce)."""
+        """The model a resolved config describes (cfg.model; the sync classifier where the
+        loss kind needs one)."""
+        from ..objectives import Objective
+
         m = cfg.model
-        model = cls(m.video, m.audio, m.dim, m.normalize, classifier=cfg.loss.kind == "ce",
+        model = cls(m.video, m.audio, m.dim, m.normalize,
+                    classifier=Objective.named(cfg.loss.kind).needs_classifier,
                     tiny_width=m.tiny_width, time_bins=m.time_bins, embed_bn=m.embed_bn,
                     tiny_stem_stride=m.tiny_stem_stride,
                     tiny_stem_time_stride=m.tiny_stem_time_stride)
         steps = model.video_net.time_steps(cfg.data.clip_frames)
         if m.time_bins > steps:
-            from ..config import ConfigError
             raise ConfigError(
                 f"model.time_bins={m.time_bins}: {m.video} keeps {steps} time step(s) of a "
                 f"{cfg.data.clip_frames}-frame clip (it strides in time), so at most {steps} "
@@ -126,3 +131,31 @@ class AVTS(nn.Module):
     def sync_logits(self, fv, fa):
         """Paired (clip i, audio i) -> 2 logits (not in sync, in sync)."""
         return self.classifier(torch.cat([fv, fa], dim=1))
+
+
+def load_model(path, device="cpu", towers=("video", "audio")) -> tuple[AVTS, object]:
+    """(model in eval mode, its config) from a training checkpoint or a folder made by
+    `fastavts export` (both read by fastavts/checkpoint.py); `towers` builds and loads only
+    the towers named."""
+    from ..checkpoint import WEIGHTS, ExportError, read_weights
+
+    cfg, state, exported = read_weights(path)
+    model = AVTS.from_config(cfg, towers=towers)
+    keep = {k: v for k, v in state.items() if k.split(".")[0] in model.parts()}
+    if exported:
+        missing, unexpected = model.load_state_dict(keep, strict=False)
+        if missing or unexpected:
+            raise ExportError(f"{Path(path) / WEIGHTS} does not match config.json (missing "
+                              f"{missing[:3]}, unexpected {unexpected[:3]}); export the "
+                              f"checkpoint again")
+    else:
+        model.load_state_dict(keep)
+    return model.to(device).eval(), cfg
+
+
+def load_exported(path, towers=("video", "audio"), device="cpu") -> tuple[AVTS, object]:
+    """(model, cfg) from a folder made by `fastavts export`."""
+    from ..checkpoint import ExportError, is_exported
+    if not is_exported(path):
+        raise ExportError(f"{path} is not a folder made by fastavts export (no config.json)")
+    return load_model(path, device=device, towers=towers)

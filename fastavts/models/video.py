@@ -29,9 +29,9 @@ class FactorConv3d(nn.Conv3d):
       with the taps that meet the map (their gradients alone are non-zero, as in the full
       convolution).
 
-    Together the tiny video tower's forward + backward ~24 % faster on the 2-core machine
-    (bench/bench_demo_step.py). Anything else, channels-last inputs and every GPU input go to
-    nn.Conv3d unchanged."""
+    Both are cheaper than oneDNN's 3D convolutions for the tiny video tower on a CPU
+    (bench/bench_demo_step.py measures it). Anything else, channels-last inputs and every GPU
+    input go to nn.Conv3d unchanged."""
 
     def forward(self, x):
         if (x.device.type == "cpu" and x.dim() == 5 and self.groups == 1

@@ -1,0 +1,181 @@
+"""Where a run stands: its machine, its processes, its seeds, and every "auto" setting resolved
+for them, in one place.
+
+    rank, world, device = setup_distributed()       # torchrun's environment, or one process
+    seed_everything(cfg.train.seed)
+    cfg = resolve(cfg, Machine.here(device), world)  # a resolved copy; cfg is left as it was
+
+The resolved config is what a run records (config.yaml, the checkpoints), so a reader sees the
+towers, precision, loader and loss implementation the run really used. Resolving a resolved
+config changes nothing (a resumed run keeps what it started with).
+
+    setting                  auto means
+    model.video / audio      r2plus1d_18 / default on a GPU, tiny / tiny on a CPU
+    train.precision          bf16 on a GPU, fp32 on a CPU
+    loader.device            gpu where one is visible, else cpu
+    loader.video_pipelines   (DALI) one per NVDEC engine of the GPU, 1 on a CPU
+    loader.threads           (DALI) this rank's cores over its pipelines (>= 2), all on a CPU
+    loss.impl                the objective's fused kernel on a GPU, else the reference
+    loss.gather_negatives    on where the objective shares negatives across ranks (world > 1)
+    prepare.codec            h264 where a GPU is visible, else vp9
+"""
+from __future__ import annotations
+
+import copy
+import os
+import random
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+# NVDEC engines per GPU (NVIDIA Video Codec SDK support matrix); one video pipeline each.
+NVDEC_ENGINES = {"H200": 7, "H100": 7, "GH200": 7, "B200": 7, "A100": 5, "A30": 4, "L40S": 3,
+                 "L40": 3, "L4": 4, "A10": 1, "T4": 2}
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the "auto" settings depend on."""
+    cuda: bool = False
+    gpu_name: str | None = None
+    cores: int = 1            # this rank's share of the CPU cores
+
+    @classmethod
+    def here(cls, device=None) -> Machine:
+        """This process's machine; `device` (a torch.device) says whether the run uses a GPU
+        (default: whether one is visible)."""
+        import torch
+
+        cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        name = None
+        if cuda and torch.cuda.is_available():
+            index = device.index if device is not None and device.index is not None \
+                else int(os.environ.get("LOCAL_RANK", 0))
+            name = torch.cuda.get_device_name(index)
+        return cls(cuda=cuda, gpu_name=name, cores=max(1, (os.cpu_count() or 2) // max(1, local)))
+
+
+# --------------------------------------------------------------------------------------------
+# processes and seeds
+
+
+def setup_distributed():
+    """(rank, world size, device) of this process. Under torchrun the CUDA device of
+    LOCAL_RANK is made current *before* the process group starts, and the group is given it
+    (NCCL binds its communicators to a device: without this every rank's first collective
+    lands on cuda:0). gloo on a CPU."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cpu")
+    if cuda:
+        n = torch.cuda.device_count()
+        if local >= n:
+            raise RuntimeError(f"LOCAL_RANK={local} but this machine shows {n} CUDA device(s): "
+                               f"start at most {n} processes per node (torchrun "
+                               f"--nproc-per-node {n})")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True   # fixed input shapes: pick the fastest kernels
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo",
+                                             device_id=device if cuda else None)
+    return rank, world, device
+
+
+def seed_everything(seed: int) -> None:
+    """torch (every device), numpy's and Python's global RNGs, in that order."""
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# "auto" settings
+
+
+def default_video_pipelines(gpu_name: str | None) -> int:
+    """loader.video_pipelines=0 (auto): one per NVDEC engine of the GPU, 4 for GPUs not in
+    the table, 1 on a CPU (the CPU decoder uses the pipeline's threads instead)."""
+    if not gpu_name:
+        return 1
+    for key in sorted(NVDEC_ENGINES, key=len, reverse=True):   # "GH200" before "H200"
+        if key in gpu_name.split() or f" {key}" in f" {gpu_name}":
+            return NVDEC_ENGINES[key]
+    return 4
+
+
+def default_threads(pipelines: int, gpu: bool, cores: int | None = None) -> int:
+    """loader.threads=0 (auto): this rank's share of the cores split over its pipelines, at
+    least 2 (the CPU decoder and the mixed decoder's demuxing run on these threads)."""
+    if cores is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        cores = max(1, (os.cpu_count() or 2) // max(1, local))
+    return max(2, cores // max(1, pipelines)) if gpu else max(1, cores)
+
+
+def resolve_codec(codec: str, cuda: bool | None = None) -> str:
+    """prepare.codec=auto: H.264 for GPU decoding where a GPU is visible, else VP9."""
+    if codec != "auto":
+        return codec
+    if cuda is None:
+        try:
+            import torch
+            cuda = torch.cuda.is_available()
+        except ImportError:
+            cuda = False
+    return "h264" if cuda else "vp9"
+
+
+def resolve_loader(lc, machine: Machine) -> tuple[str, int, int]:
+    """(device, video pipelines, threads per pipeline) of a DALI loader config."""
+    device = lc.device if lc.device != "auto" else ("gpu" if machine.cuda else "cpu")
+    gpu = device == "gpu"
+    pipelines = lc.video_pipelines or (default_video_pipelines(machine.gpu_name) if gpu else 1)
+    threads = lc.threads or default_threads(pipelines, gpu, machine.cores)
+    return device, pipelines, threads
+
+
+def resolve(cfg, machine: Machine, world: int = 1):
+    """A copy of `cfg` with every "auto" setting resolved for `machine` and `world` ranks."""
+    from .objectives import Objective
+
+    cfg = copy.deepcopy(cfg)
+    m, tc, lc, loss = cfg.model, cfg.train, cfg.loader, cfg.loss
+    cuda = machine.cuda
+    if m.video == "auto":
+        m.video = "r2plus1d_18" if cuda else "tiny"
+    if m.audio == "auto":
+        m.audio = "default" if cuda else "tiny"
+    if tc.precision == "auto":
+        tc.precision = "bf16" if cuda else "fp32"
+    if lc.device == "auto":
+        lc.device = "gpu" if cuda else "cpu"
+    if lc.kind == "dali":
+        _, lc.video_pipelines, lc.threads = resolve_loader(lc, machine)
+    objective = Objective.named(loss.kind)
+    if loss.impl == "auto":
+        loss.impl = objective.default_impl(cuda)
+    elif loss.impl == "triton" and not cuda:
+        from .kernels.contrastive import INTERPRET
+        if not INTERPRET:
+            raise ConfigError("loss.impl=triton needs a CUDA GPU (or TRITON_INTERPRET=1 set "
+                              "before starting, to run the kernel in Triton's slow interpreter); "
+                              "use loss.impl=auto or reference on this machine.")
+    if loss.gather_negatives == "auto":
+        loss.gather_negatives = "on" if objective.gathers(cfg, world) else "off"
+    cfg.prepare.codec = resolve_codec(cfg.prepare.codec, cuda)
+    return cfg
+
+
+def resolve_auto(cfg, cuda: bool):
+    """resolve() on this machine with a GPU or not, one process (the older entry point)."""
+    import torch
+    return resolve(cfg, Machine.here(torch.device("cuda" if cuda else "cpu")))
