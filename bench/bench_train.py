@@ -47,21 +47,14 @@ def prepared_set(cache: str, videos: int, codec: str) -> Path:
 
 
 def setup(cfg, device):
-    """The trainer's model, optimizer, schedule, scaler and step (fastavts.train.TrainStep):
-    the benchmark times exactly the step `fastavts train` runs."""
-    import torch
-
+    """The trainer's model and step (fastavts.train.step.build_step: wrapping, optimizer,
+    schedule, scaler, the objective): the benchmark times exactly the step `fastavts train`
+    runs."""
     from fastavts.models.avts import AVTS
-    from fastavts.train import TrainStep, make_optimizer
+    from fastavts.train.step import build_step
 
     model = AVTS.from_config(cfg).to(device)
-    if cfg.train.channels_last:
-        model.video_net.to(memory_format=torch.channels_last_3d)
-    net = torch.compile(model) if cfg.train.compile else model
-    opt = make_optimizer(model.parameters(), cfg.train)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-    return TrainStep(model, net, opt, scaler, sched, cfg, device)
+    return build_step(model, cfg, device, 1, total_steps=10**6, video_net=model.video_net)
 
 
 def run_loader(kind, root, args, base, device):
@@ -70,7 +63,7 @@ def run_loader(kind, root, args, base, device):
     from fastavts.config import build_config
     from fastavts.data.loader import make_loader
     from fastavts.gpu_monitor import GpuMonitor
-    from fastavts.train import resolve_auto
+    from fastavts.runtime import resolve_auto
 
     cuda = device.type == "cuda"
     cfg = build_config(None, [*base, f"loader.kind={kind}", f"loader.batch_size={args.batch_size}",

@@ -1,6 +1,7 @@
 """What older fastavts wrote, today's reads: a training checkpoint and an export folder made by
 commit 9632637 (tests/fixtures/format_9632637/, see make.py there) load with the same outputs,
 resume with the losses that code computed, and export to the same folder."""
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -17,12 +18,11 @@ EXPECTED = json.loads((OLD / "expected.json").read_text())
 
 
 def _seeded_input(cfg):
-    """The input make.py embedded (same seed, same shapes)."""
-    g = torch.Generator().manual_seed(11)
-    d = cfg.data
-    clip = torch.randn(2, 3, d.clip_frames, d.crop, d.crop, generator=g)
-    frames = int(round(d.clip_seconds * 1000 / d.hop_ms))
-    return clip, torch.randn(3, 1, d.n_mels, frames, generator=g)
+    """The input make.py embedded (its own function: same seed, same shapes)."""
+    spec = importlib.util.spec_from_file_location("make_9632637", OLD / "make.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    return make.seeded_input(cfg)
 
 
 @pytest.mark.parametrize("what", ["last.pt", "export"])

@@ -343,3 +343,38 @@ def test_the_collapse_watch_judges_by_the_numbers():
     first = next(i for i, x in enumerate(says) if x)
     assert 2 * first >= 10 and "step" in says[first]             # not before a tenth of training
     assert "out of the collapse" in d.update(40, 0.1, [0.2, 0.9, 0.4, 0.25])
+
+
+def test_a_run_that_fails_mid_step_releases_its_loader_and_loggers(prepared, tmp_path,
+                                                                   monkeypatch):
+    """Whatever ends a run, its teardown runs once (the loop's finally): here the loss raises
+    at the third step; the loader was closed and the TensorBoard writer flushed and closed."""
+    from fastavts.data.memory_loader import MemoryLoader
+    from fastavts.objectives import Contrastive
+    from fastavts.train.telemetry import Metrics
+
+    closed = {"loader": 0, "metrics": 0}
+    real_close, real_metrics_close, real_loss = MemoryLoader.close, Metrics.close, Contrastive.loss
+    calls = {"n": 0}
+
+    def loss(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise ValueError("a bug in a loss")
+        return real_loss(self, *a, **k)
+
+    def close_loader(self):
+        closed["loader"] += 1
+        return real_close(self)
+
+    def close_metrics(self):
+        closed["metrics"] += self.tb is not None
+        return real_metrics_close(self)
+
+    monkeypatch.setattr(Contrastive, "loss", loss)
+    monkeypatch.setattr(MemoryLoader, "close", close_loader)
+    monkeypatch.setattr(Metrics, "close", close_metrics)
+    with pytest.raises(ValueError, match="a bug in a loss"):
+        train(cfg_for(prepared, "loader.kind=memory", "train.epochs=2"), tmp_path, progress=False)
+    assert closed["loader"] >= 1 and closed["metrics"] == 1
+    assert list((tmp_path / "tb").glob("events.*"))

@@ -196,16 +196,22 @@ class Telemetry:
             torch.cuda.synchronize()   # the queued steps count in the wall time
         self.bar.close()
         wall = time.perf_counter() - self.t_start
+        self._stop_sampling(report=True)
+        return wall
+
+    def _stop_sampling(self, report: bool) -> None:
+        """Stop the profiler (saying where its trace is) and the GPU monitor (its summary
+        into `gpu`), where they run."""
         if self.prof is not None:
             self.prof.stop()
             self.prof = None
-            print(f"fastavts train: profiler trace in {self.out / 'profile'} (tensorboard "
-                  f"--logdir {self.out / 'profile'}, or open the .json in "
-                  f"https://ui.perfetto.dev)")
+            if report:
+                print(f"fastavts train: profiler trace in {self.out / 'profile'} (tensorboard "
+                      f"--logdir {self.out / 'profile'}, or open the .json in "
+                      f"https://ui.perfetto.dev)")
         if self.monitor is not None:
             self.gpu = self.monitor.stop()
             self.monitor = None
-        return wall
 
     def final_loss(self) -> float | None:
         """The mean of the last 20 finite losses read."""
@@ -215,9 +221,4 @@ class Telemetry:
     def close(self) -> None:
         self.bar.close()
         self.metrics.close()
-        if self.prof is not None:
-            self.prof.stop()
-            self.prof = None
-        if self.monitor is not None:
-            self.monitor.stop()
-            self.monitor = None
+        self._stop_sampling(report=False)
