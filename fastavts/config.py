@@ -348,6 +348,19 @@ def _check_keys(tree: Any, cls, where: str, prefix: str = "") -> None:
             raise ConfigError(f"{where}: {full}={value!r} is not a boolean; use true or false.")
 
 
+def _on_off_words(tree: dict, cls) -> None:
+    """YAML reads on/off/yes/no as booleans; a text setting whose choices are on/off/... gets
+    the word back (loss.gather_negatives=on, `gather_negatives: off` in a file)."""
+    fields = _schema_keys(cls)
+    for key, value in tree.items():
+        f = fields[key]
+        sub = _dataclass_of(f.type)
+        if sub is not None and isinstance(value, dict):
+            _on_off_words(value, sub)
+        elif isinstance(value, bool) and {"on", "off"} <= set(f.metadata.get("choices") or ()):
+            tree[key] = "on" if value else "off"
+
+
 def _dataclass_of(ftype):
     if isinstance(ftype, str):
         ftype = {"DataConfig": DataConfig, "SynthConfig": SynthConfig,
@@ -406,6 +419,7 @@ def build_config(yaml_path: str | os.PathLike | None = None,
     merged = layers[0][0]
     for tree, where in layers[1:]:
         _check_keys(tree, Config, where)
+        _on_off_words(tree, Config)
         try:
             merged = OmegaConf.merge(merged, tree)
         except OmegaConfBaseException as e:

@@ -196,6 +196,10 @@ class Contrastive(Objective):
             raise ConfigError(f"loss.margin={lc.margin}: L2-normalised embeddings are at most 2 "
                               f"apart, so every negative pair would stay inside the margin for "
                               f"ever; use a margin <= 2 or model.normalize=false.")
+        if lc.gather_negatives == "on" and cfg.sampler.pairs == "paired":
+            raise ConfigError("loss.gather_negatives=on: paired pairs are scored one by one, so "
+                              "loss.kind=contrastive has no negatives to gather there; use "
+                              "sampler.pairs=inbatch, or gather_negatives=off (or auto).")
 
     @classmethod
     def gathers_by_default(cls, cfg) -> bool:

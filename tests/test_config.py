@@ -151,3 +151,15 @@ def test_a_shipped_config_states_what_it_sits_on_and_a_preset_cannot_leak_into_i
     for section, values in _parse_overrides(pinned_configs.preset(base)).items():
         missing = set(values) - set(tree.get(section, {}))
         assert not missing, f"{path.name} leaves {section}.{sorted(missing)} to {base}"
+
+
+def test_on_and_off_reach_a_text_setting_as_words(tmp_path):
+    """YAML reads on/off as booleans: loss.gather_negatives=on (and `gather_negatives: off` in
+    a file) must arrive as the words its choices name, not as 'True' / 'False'."""
+    base = ["loss.kind=infonce", "sampler.pairs=inbatch"]
+    assert build_config(overrides=[*base, "loss.gather_negatives=on"]).loss.gather_negatives == "on"
+    assert build_config(overrides=[*base, "loss.gather_negatives=off"]).loss.gather_negatives == "off"
+    f = tmp_path / "c.yaml"
+    f.write_text("loss:\n  kind: infonce\n  gather_negatives: off\nsampler:\n  pairs: inbatch\n")
+    assert build_config(f).loss.gather_negatives == "off"
+    assert build_config(overrides=["train.channels_last=off"]).train.channels_last is False

@@ -4,6 +4,7 @@ BatchNorm runs on its running statistics here (per-rank batch statistics are not
 batch's; SyncBatchNorm needs a GPU), and each rank's half holds as many positives and
 negatives as the other, so that the mean of the ranks' losses is the combined batch's loss."""
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -62,3 +63,41 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
                 for n in want)
     print("worst relative difference", worst)
     assert worst < 1e-4
+
+
+def test_every_loss_kind_pair_mode_and_gather_setting_trains_on_two_gloo_ranks(prepared,
+                                                                                 tmp_path):
+    """`fastavts train` under torchrun, 2 gloo ranks, 3 steps of every loss kind x
+    sampler.pairs x loss.gather_negatives that the config accepts (paired pairs scored one by
+    one have no negatives to gather: contrastive and ce refuse gather_negatives=on there):
+    each finishes, its losses are finite, negatives come from both ranks exactly when
+    gathered, and DDP leaves the two ranks with the same parameters."""
+    from fastavts.config import ConfigError, build_config
+
+    for kind in ("contrastive", "ce"):
+        with pytest.raises(ConfigError, match="gather_negatives=on"):
+            build_config(overrides=[f"loss.kind={kind}", "sampler.pairs=paired",
+                                    "loss.gather_negatives=on"])
+    import json
+    import math
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", "29537", str(Path(__file__).parent / "ddp_matrix_run.py"),
+           str(tmp_path), str(prepared)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    print(p.stdout[-3000:], p.stderr[-5000:])
+    assert p.returncode == 0
+    names = sorted({f.stem.rsplit("_", 1)[0] for f in tmp_path.glob("*_[01].json")})
+    assert len(names) == 8, names
+    for name in names:
+        r = [json.loads((tmp_path / f"{name}_{k}.json").read_text()) for k in (0, 1)]
+        assert r[0]["steps"] == r[1]["steps"] == 3, name
+        assert all(math.isfinite(x) for x in r[0]["losses"] + r[1]["losses"]), name
+        gathered = name.endswith("gather_on")
+        assert r[0]["negatives_from_ranks"] == (2 if gathered else 1), name
+        assert r[0]["params"] == r[1]["params"], f"{name}: the ranks' parameters differ"
