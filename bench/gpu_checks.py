@@ -25,12 +25,16 @@ NVDEC library in its sandbox).
         bench_train end to end vs model-only, DALI and PyAV (targets: ratio >= 0.9, SM > 90 %)
 
 Every step runs as its own process group under a time limit, and the limits are cut so that
-the whole part ends within --budget seconds (default 510, well inside a 10-minute command).
-Each step logs to $OUT/<part>/<step>.log and its benchmark rows go, row by row as they are
-measured, to $OUT/<part>/results/<bench>.jsonl; a step that fails or runs out of time does
-not stop the next. At the end everything is packed into ONE file, $OUT/gpu_checks_<part>.tar.gz
-(with summary.json: each step's exit code, seconds and whether it timed out). Back here:
-`python bench/gpu_checks.py merge TARBALL` appends its rows to bench/results/.
+the whole part ends within --budget seconds (default 510, well inside a 10-minute command); a
+step out of time gets SIGINT first (pytest then still writes its junit file and names the test
+it was in), SIGKILL 15 s later. Each step logs to <work>/<part>/<step>.log and its benchmark
+rows go, row by row as they are measured, to <work>/<part>/results/<bench>.jsonl; a step that
+fails or runs out of time does not stop the next. The work folder (--work, default in /tmp)
+and the data cache lie outside $OUT; after every step everything but the data is packed
+again into ONE file, $OUT/gpu_checks_<part>.tar.gz (with summary.json: each step's exit code,
+seconds and whether it timed out), so $OUT holds one small file however the command ends (the
+device returns at most 8 files of at most 16 MiB). The command exits 1 when a step failed.
+Back here: `python bench/gpu_checks.py merge TARBALL` appends its rows to bench/results/.
 
 `--dry-run` runs the same steps at toy sizes on a CPU (the Triton kernel in its interpreter,
 DALI's CPU pipeline on VP9); the test suite does, so the script is known to run before a GPU
@@ -46,12 +50,16 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PY = sys.executable
+# test names printed as they run, and a stuck test's stack after 60 s (pytest's own faulthandler)
+PYTEST = [PY, "-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", "-o",
+          "faulthandler_timeout=60"]
 
 
 def nvdec_library() -> str | None:
@@ -98,12 +106,18 @@ print(json.dumps(info, indent=1))
 """
 
 
+MAX_FILES, MAX_BYTES = 8, 16 * 2**20   # what a lent device machine returns from $OUT
+GRACE_S = 15                           # SIGINT, then SIGKILL this much later
+
+
 class Runner:
-    def __init__(self, part: str, out: Path, budget: float, dry: bool):
-        self.part, self.dry = part, dry
-        self.dir = out / part
+    def __init__(self, part: str, out: Path, budget: float, dry: bool, work: Path):
+        self.part, self.dry, self.out = part, dry, out
+        self.dir = work / part
         shutil.rmtree(self.dir, ignore_errors=True)
         (self.dir / "results").mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
+        self.cache = work / "cache"     # prepared data: outside $OUT and never packed
         self.t0, self.budget = time.monotonic(), budget
         self.summary: list[dict] = []
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -130,29 +144,61 @@ class Runner:
         with open(self.dir / f"{name}.log", "w") as log:
             p = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True)
-            try:
-                rc, timed_out = p.wait(timeout=limit), False
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)   # the step and its workers
-                rc, timed_out = p.wait(), True
+            rc, timed_out = stop_in_time(p, limit)
         row.update(rc=rc, timed_out=timed_out, seconds=round(time.monotonic() - t, 1))
         tail = (self.dir / f"{name}.log").read_text(errors="replace").splitlines()[-12:]
         print("\n".join("    " + x for x in tail), flush=True)
         print(f"--- {name}: exit {rc}{' (TIMED OUT)' if timed_out else ''}, "
               f"{row['seconds']} s", flush=True)
         self.summary.append(row)
+        self.pack({})
         return row
 
-    def finish(self, extra: dict) -> Path:
+    def pack(self, extra: dict) -> Path:
+        """summary.json and ONE tarball of the work folder in $OUT (written to a temporary
+        name and renamed: a kill leaves the last whole one)."""
         summary = dict(part=self.part, dry_run=self.dry, steps=self.summary,
                        wall_s=round(time.monotonic() - self.t0, 1), **extra)
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        tar = self.dir.parent / f"gpu_checks_{self.part}.tar.gz"
-        with tarfile.open(tar, "w:gz") as tf:
-            tf.add(self.dir, arcname=self.part)
-        print(f"=== {self.part}: {sum(r.get('rc') == 0 for r in self.summary)} of "
-              f"{len(self.summary)} steps passed, {summary['wall_s']} s; everything in {tar}")
+        tar = self.out / f"gpu_checks_{self.part}.tar.gz"
+        tmp = self.out / f".{tar.name}.tmp"
+        with tarfile.open(tmp, "w:gz") as tf:
+            tf.add(self.dir, arcname=self.part,
+                   filter=lambda m: None if "/blocker" in m.name else m)
+        os.replace(tmp, tar)
         return tar
+
+    def finish(self, extra: dict) -> Path:
+        tar = self.pack(extra)
+        passed = sum(r.get("rc") == 0 for r in self.summary)
+        wall = round(time.monotonic() - self.t0, 1)
+        print(f"=== {self.part}: {passed} of {len(self.summary)} steps passed, {wall} s; "
+              f"everything in {tar}")
+        return tar
+
+    def failed(self) -> bool:
+        return any(r.get("rc") != 0 for r in self.summary)
+
+
+def stop_in_time(p: subprocess.Popen, limit: float) -> tuple[int, bool]:
+    """(exit code, timed out) of a step started in its own session: past `limit`, SIGINT to
+    its group (pytest writes its junit file and names the test it was in), SIGKILL after
+    GRACE_S."""
+    try:
+        return p.wait(timeout=limit), False
+    except subprocess.TimeoutExpired:
+        pass
+    os.killpg(p.pid, signal.SIGINT)
+    try:
+        p.wait(timeout=GRACE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)   # the step and its workers
+        p.wait()
+    try:
+        os.killpg(p.pid, signal.SIGKILL)   # workers it left behind
+    except ProcessLookupError:
+        pass
+    return p.returncode, True
 
 
 BLOCKER = r"""
@@ -186,8 +232,8 @@ def env_step(r: Runner, modules: list[str]) -> dict:
 def core(r: Runner) -> Path:
     if r.dry:
         block_imports(r, ["omegaconf", "av", "nvidia"])
-    extra = env_step(r, ["torch", "triton", "torchvision", "omegaconf"])
-    pytest = [PY, "-m", "pytest", "-q", "-rs", "--junitxml", str(r.dir / "tests.xml")]
+    extra = env_step(r, ["torch", "triton", "torchvision", "omegaconf", "fastavts.kernels"])
+    pytest = PYTEST + ["--junitxml", str(r.dir / "tests.xml")]
     if r.dry:
         r.step("tests", pytest + ["tests/test_kernel_contrastive.py", "tests/test_kernel_infonce.py",
                                   "tests/test_models.py",
@@ -217,11 +263,11 @@ def core(r: Runner) -> Path:
 
 
 def dali(r: Runner) -> Path:
-    extra = env_step(r, ["torch", "nvidia.dali", "av", "omegaconf"])
+    extra = env_step(r, ["torch", "nvidia.dali", "av", "omegaconf", "fastavts.kernels"])
     nvdec = bool(extra["nvdec_library"]) or r.dry
     extra["nvdec_steps"] = "run" if nvdec else "left out: no libnvcuvid.so on this machine"
     device = "cpu" if r.dry else "gpu"
-    cache = str(r.dir / "cache")
+    cache = str(r.cache)
     if r.dry:
         data = [PY, "bench/bench_data.py", "--prepare-only", "--device", "cpu", "--videos", "6",
                 "--seconds", "4", "--cache", cache]
@@ -235,7 +281,7 @@ def dali(r: Runner) -> Path:
     if not sets:
         return r.finish(dict(extra, error="no prepared set; see data.log"))
     root = sets[-1]
-    pytest = [PY, "-m", "pytest", "-q", "-rs", "--junitxml", str(r.dir / "tests.xml")]
+    pytest = PYTEST + ["--junitxml", str(r.dir / "tests.xml")]
     if r.dry:
         r.step("tests", pytest + ["tests/test_loaders.py", "-k", "only_decode"], 240)
     else:
@@ -289,14 +335,17 @@ def main(argv=None) -> int:
                     help="seconds the whole part may take (steps' limits are cut to fit)")
     ap.add_argument("--dry-run", action="store_true",
                     help="the same steps at toy sizes on a CPU")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "fastavts_gpu_checks"),
+                    help="logs, rows and the data cache (outside --out: only the tarball goes "
+                         "there)")
     args = ap.parse_args(argv)
     if args.part == "merge":
         if not args.tarball:
             ap.error("merge needs the tarball")
         return merge(args.tarball)
-    r = Runner(args.part, Path(args.out), args.budget, args.dry_run)
+    r = Runner(args.part, Path(args.out), args.budget, args.dry_run, Path(args.work))
     (core if args.part == "core" else dali)(r)
-    return 0
+    return 1 if r.failed() else 0
 
 
 if __name__ == "__main__":

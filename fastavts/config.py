@@ -185,13 +185,16 @@ class LoaderConfig:
                      "GPU), cpu (VP8/VP9/MJPEG only), auto = gpu if one is visible",
                      choices=("auto", "gpu", "cpu"))
     batch_size: int = _f(32, "clips per batch on each rank", min=1)
-    workers: int = _f(2, "processes preparing batches (PyAV workers / DALI source workers)",
-                      min=0)
-    threads: int = _f(0, "DALI CPU threads per pipeline; 0 = auto: this rank's cores over its "
-                      "video pipelines on a GPU (at least 2), all its cores on a CPU", min=0)
+    workers: int = _f(2, "processes preparing batches: PyAV workers; DALI source workers (per "
+                      "pipeline on a CPU; on a GPU the rank's total, at least one per "
+                      "pipeline)", min=0)
+    threads: int = _f(0, "DALI CPU threads per pipeline; 0 = auto: on a GPU what the source "
+                      "workers leave of this rank's cores, over its pipelines; on a CPU all its "
+                      "cores for the video pipeline, one for the log-mel pipeline", min=0)
     video_pipelines: int = _f(0, "DALI video pipelines per rank, taking batches in turn (one "
                               "pipeline drives one NVDEC engine); 0 = auto: one per NVDEC "
-                              "engine of the GPU (7 on H100/H200), 1 on a CPU", min=0, max=64)
+                              "engine of the GPU (7 on H100/H200; fewer where the rank has under "
+                              "2 cores a pipeline), 1 on a CPU", min=0, max=64)
     prefetch: int = _f(2, "batches prepared ahead", min=1)
     max_faults: int = _f(100, "stop after this many undecodable samples in one epoch", min=0)
     memory_gb: float = _f(8.0, "loader.kind=memory: refuse sets whose decoded frames would "

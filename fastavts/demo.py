@@ -39,7 +39,7 @@ GPU_PRESET = [
     "loss.kind=infonce", "sampler.pairs=inbatch", "sampler.k=0", "sampler.group_clips=true",
     "sampler.curriculum=[[0.0,1.0]]",
     "sampler.clips_per_video=4",
-    "loader.batch_size=64", "loader.workers=8", "loader.threads=8", "train.epochs=40",
+    "loader.batch_size=64", "loader.workers=8", "train.epochs=40",
     "train.demo_videos=512", "train.demo_heldout=128",
 ]
 

@@ -13,8 +13,10 @@ config changes nothing (a resumed run keeps what it started with).
     model.video / audio      r2plus1d_18 / default on a GPU, tiny / tiny on a CPU
     train.precision          bf16 on a GPU, fp32 on a CPU
     loader.device            gpu where one is visible, else cpu
-    loader.video_pipelines   (DALI) one per NVDEC engine of the GPU, 1 on a CPU
-    loader.threads           (DALI) this rank's cores over its pipelines (>= 2), all on a CPU
+    loader.video_pipelines   (DALI) one per NVDEC engine of the GPU (fewer where the rank has
+                             under 2 cores a pipeline), 1 on a CPU
+    loader.threads           (DALI) on a GPU what the source processes leave of the rank's
+                             cores, over its pipelines; on a CPU every core
     loss.impl                the objective's fused kernel on a GPU, else the reference
     loss.gather_negatives    on where the objective shares negatives across ranks (world > 1)
     prepare.codec            h264 where a GPU is visible, else vp9
@@ -134,13 +136,44 @@ def resolve_codec(codec: str, cuda: bool | None = None) -> str:
     return "h264" if cuda else "vp9"
 
 
-def resolve_loader(lc, machine: Machine) -> tuple[str, int, int]:
-    """(device, video pipelines, threads per pipeline) of a DALI loader config."""
+@dataclass(frozen=True)
+class LoaderPlan:
+    """How a DALI loader runs on one rank: K video pipelines taking batches in turn, one audio
+    pipeline, each with `threads` DALI CPU threads (the audio one `audio_threads`) and
+    `workers` source processes (0: the sources run in the pipeline's own thread)."""
+    device: str
+    video_pipelines: int
+    threads: int
+    audio_threads: int
+    workers: int
+
+    def processes_and_threads(self) -> int:
+        """Threads and worker processes of all the rank's pipelines."""
+        return (self.video_pipelines * (self.threads + self.workers)
+                + self.audio_threads + self.workers)
+
+
+def resolve_loader(lc, machine: Machine) -> LoaderPlan:
+    """A DALI loader config's plan on `machine` (one rank). On a GPU (decoding on NVDEC, the
+    cores only demux, slice and feed) a rank's threads and source processes fit its cores:
+    loader.workers is the rank's total of source processes, at least one per pipeline;
+    threads=0 splits what is left of the cores over the pipelines; auto pipelines stop where
+    two cores a pipeline would not be left. On a CPU (decoding is the cores' work) the video
+    pipeline gets every core, the log-mel pipeline one thread, and each pipeline
+    loader.workers source processes."""
     device = lc.device if lc.device != "auto" else ("gpu" if machine.cuda else "cpu")
-    gpu = device == "gpu"
-    pipelines = lc.video_pipelines or (default_video_pipelines(machine.gpu_name) if gpu else 1)
-    threads = lc.threads or default_threads(pipelines, gpu, machine.cores)
-    return device, pipelines, threads
+    if device != "gpu":
+        pipelines = lc.video_pipelines or 1
+        threads = lc.threads or default_threads(pipelines, False, machine.cores)
+        return LoaderPlan(device, pipelines, threads, min(threads, lc.threads or 1), lc.workers)
+    pipelines = lc.video_pipelines or max(1, min(default_video_pipelines(machine.gpu_name),
+                                                 machine.cores // 2 - 1))
+    n = pipelines + 1                                   # the video pipelines and the audio one
+    # source processes: as many as asked, within what leaves each pipeline a thread; one each
+    # at least (0: the sources run in the pipelines' own threads)
+    workers = max(1, min(lc.workers, machine.cores - n) // n) if lc.workers else 0
+    threads = lc.threads or max(1, (machine.cores - workers * n) // n)
+    return LoaderPlan(device, pipelines, threads, threads, workers)
 
 
 def resolve(cfg, machine: Machine, world: int = 1):
@@ -159,7 +192,8 @@ def resolve(cfg, machine: Machine, world: int = 1):
     if lc.device == "auto":
         lc.device = "gpu" if cuda else "cpu"
     if lc.kind == "dali":
-        _, lc.video_pipelines, lc.threads = resolve_loader(lc, machine)
+        plan = resolve_loader(lc, machine)
+        lc.video_pipelines, lc.threads = plan.video_pipelines, plan.threads
     objective = Objective.named(loss.kind)
     if loss.impl == "auto":
         loss.impl = objective.default_impl(cuda)

@@ -115,28 +115,65 @@ def test_plot_draws_one_chart_per_kind_and_machine(tmp_path, capsys):
 
 def test_gpu_check_parts_run_end_to_end_as_dry_runs(tmp_path):
     """bench/gpu_checks.py core and dali at toy sizes on this CPU: every step passes, `core`
-    with OmegaConf, PyAV and DALI made unimportable (the GPU machine lacks them), and each part
-    leaves exactly one tarball holding its logs, rows and summary; `merge` appends its rows."""
+    with OmegaConf, PyAV and DALI made unimportable (the GPU machine lacks them), and what a
+    lent device returns fits it: each part leaves ONE tarball in a fresh $OUT (at most 8 files
+    of at most 16 MiB come back), holding its logs, rows and summary and none of the prepared
+    data (that stays in the work folder outside $OUT); `merge` takes its rows."""
     import subprocess
     import tarfile
 
+    import gpu_checks
+
+    out, work = tmp_path / "out", tmp_path / "work"
     for part in ("core", "dali"):
         r = subprocess.run([sys.executable, str(BENCH / "gpu_checks.py"), part, "--dry-run",
-                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                            "--out", str(out), "--work", str(work)],
+                           capture_output=True, text=True, timeout=600)
         print(r.stdout[-3000:], r.stderr[-2000:])
         assert r.returncode == 0
-        assert sorted(p.name for p in tmp_path.glob("*.tar.gz"))[-1] == f"gpu_checks_{part}.tar.gz"
-        with tarfile.open(tmp_path / f"gpu_checks_{part}.tar.gz") as tf:
+        files = [f for f in out.rglob("*") if f.is_file()]
+        assert sorted(f.name for f in files) == sorted(
+            f"gpu_checks_{x}.tar.gz" for x in ("core", "dali")[:1 + (part == "dali")])
+        assert len(files) <= gpu_checks.MAX_FILES
+        assert all(f.stat().st_size <= gpu_checks.MAX_BYTES for f in files)
+        with tarfile.open(out / f"gpu_checks_{part}.tar.gz") as tf:
             names = tf.getnames()
             summary = json.loads(tf.extractfile(f"{part}/summary.json").read())
         assert [s["rc"] for s in summary["steps"]] == [0] * len(summary["steps"])
         assert len(summary["steps"]) == {"core": 4, "dali": 5}[part]
         assert f"{part}/results" in names and f"{part}/tests.xml" in names
-    env = json.loads((tmp_path / "core" / "env.log").read_text())
+        assert not [n for n in names if n.endswith((".webm", ".mp4", ".mkv", ".s16", ".pt"))]
+        assert not [n for n in names if "/blocker" in n]
+    assert list((work / "cache").rglob("*.webm"))      # the data was made, outside $OUT
+    env = json.loads((work / "core" / "env.log").read_text())
     assert env["imports"]["omegaconf"].startswith("MISSING")     # core ran without it
-    rows = (tmp_path / "dali" / "results" / "data.jsonl").read_text().splitlines()
+    assert env["imports"]["fastavts.kernels"] != "" and "MISSING" not in env["imports"]["fastavts.kernels"]
+    rows = (work / "dali" / "results" / "data.jsonl").read_text().splitlines()
     assert {json.loads(x)["loader"] for x in rows} == {"dali", "pyav"}
     assert [json.loads(x).get("video_pipelines") for x in rows] == [1, 2, None]
+
+
+def test_a_gpu_check_step_past_its_limit_is_interrupted_then_killed_and_fails_the_part(tmp_path):
+    """A step that outlives its limit gets SIGINT (so pytest can still write its junit file),
+    then SIGKILL; it counts as failed and the part exits 1, its tarball already in $OUT."""
+    import time
+
+    import gpu_checks
+
+    r = gpu_checks.Runner("core", tmp_path / "out", budget=60, dry=True, work=tmp_path / "w")
+    script = ("import signal, sys, time\n"
+              "signal.signal(signal.SIGINT, lambda *a: (print('interrupted', flush=True), "
+              "sys.exit(3)))\n"
+              "time.sleep(60)\n")
+    row = r.step("slow", [sys.executable, "-c", script], limit=11)
+    assert row["timed_out"] and row["rc"] == 3
+    assert "interrupted" in (tmp_path / "w" / "core" / "slow.log").read_text()
+    assert r.failed() and (tmp_path / "out" / "gpu_checks_core.tar.gz").is_file()
+    stubborn = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)\n"
+    gpu_checks.GRACE_S = 1
+    t = time.monotonic()
+    row = r.step("stubborn", [sys.executable, "-c", stubborn], limit=11)
+    assert row["timed_out"] and row["rc"] == -9 and time.monotonic() - t < 20
 
 
 def test_ablation_table_gives_mean_spread_and_range_over_seeds():

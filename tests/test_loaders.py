@@ -479,3 +479,34 @@ def test_pyav_loader_in_the_training_process_keeps_its_threads(one_object):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_stopped_dali_loader_releases_its_source_processes_even_while_referenced(one_object):
+    """close() shuts the pipelines and their source processes down at once, even where
+    something still holds the iterators (an exception's frames after a decode fault, an
+    evaluation's caller): left to the garbage collector, a restart held two sets. And every
+    pipeline was started on construction (its prefetch filling side by side with the others',
+    not when its first batch is due)."""
+    import multiprocessing as mp
+    import os
+    import time
+
+    L = loader(one_object, "dali", "loader.workers=2", "loader.video_pipelines=2",
+               total_epochs=2)
+
+    def children():
+        return set(os.popen(f"pgrep -P {os.getpid()}").read().split())
+
+    before = children()
+    next(L.epoch(0))
+    held = L._its                      # a reference the loader does not control
+    assert all(it._ever_scheduled for it in [*held[0], held[1]])
+    started = children() - before
+    assert len(started) >= 3 * 2       # 2 video + 1 audio pipeline, 2 source processes each
+    L.close()
+    deadline = time.monotonic() + 20
+    while children() & started and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not children() & started, "source processes outlived close()"
+    del held
+    assert mp.active_children() is not None

@@ -137,13 +137,13 @@ def build_pipelines(loader: DALILoader, first: int, end: int, exclude: frozenset
     K = loader.video_pipelines
     geo = AudioGeometry(d)
     root = str(loader.root)
-    parallel = lc.workers > 0
-    common = dict(num_threads=loader.threads, device_id=device_id,
-                  prefetch_queue_depth=lc.prefetch, exec_dynamic=True,
-                  py_num_workers=max(1, lc.workers), py_start_method="spawn")
+    plan = loader.plan
+    parallel = plan.workers > 0
+    common = dict(device_id=device_id, prefetch_queue_depth=lc.prefetch, exec_dynamic=True,
+                  py_num_workers=max(1, plan.workers), py_start_method="spawn")
 
     def video_pipeline(j):
-        @pipeline_def(batch_size=B, **common)
+        @pipeline_def(batch_size=B, num_threads=plan.threads, **common)
         def pipe():
             src = ClipSource(root, loader.sampler, first, end, j, K, exclude, B)
             enc, frames, pos_y, pos_x, flip, key = fn.external_source(
@@ -164,7 +164,7 @@ def build_pipelines(loader: DALILoader, first: int, end: int, exclude: frozenset
             return video, key
         return pipe()
 
-    @pipeline_def(batch_size=M, **common)
+    @pipeline_def(batch_size=M, num_threads=plan.audio_threads, **common)
     def audio_pipeline():
         src = AudioSource(root, loader.sampler, first, end, 0, 1, exclude, M)
         wave, key = fn.external_source(source=src, num_outputs=2, batch=True, batch_info=True,
@@ -236,7 +236,9 @@ class DALILoader(BaseLoader):
     def __init__(self, cfg, root, *, device: str | None = None, **kw):
         super().__init__(cfg, root, **kw)
         lc = cfg.loader if device is None else dataclasses.replace(cfg.loader, device=device)
-        self.device, self.video_pipelines, self.threads = resolve_loader(lc, Machine.here())
+        self.plan = resolve_loader(lc, Machine.here())
+        self.device, self.video_pipelines = self.plan.device, self.plan.video_pipelines
+        self.threads = self.plan.threads
         self.device_id = int(os.environ.get("LOCAL_RANK", 0))
         if self.device == "cpu":
             codecs = {v.get("codec") for v in self.sampler.videos}
@@ -268,10 +270,31 @@ class DALILoader(BaseLoader):
                   prepare_first_batch=False)
         self._its = ([DALIGenericIterator([p], ["video", "key"], **kw) for p in videos],
                      DALIGenericIterator([audio], ["audio", "key"], **kw))
+        # every pipeline starts filling its prefetch queue now, side by side (left to the first
+        # request, pipeline j would start only when batch j is due: K cold starts in a row;
+        # prepare_first_batch=True would wait for each one's first batch in turn)
+        for it in [*self._its[0], self._its[1]]:
+            schedule = getattr(it, "_schedule_runs", None)
+            if schedule is not None and not getattr(it, "_ever_scheduled", True):
+                schedule(False)
         self._first, self._next = first, first
 
     def _stop(self) -> None:
-        self._its = None  # pipelines and their workers go with the iterators
+        """Shut the pipelines and their source processes down now (left to the garbage
+        collector, a restart after an evaluation or a decode fault would hold two sets)."""
+        its, self._its = self._its, None
+        if its is None:
+            return
+        for it in [*its[0], its[1]]:
+            for pipe in getattr(it, "_pipes", []):
+                pool = getattr(pipe, "_py_pool", None)
+                try:
+                    pipe._shutdown()
+                    if pool is not None:
+                        pool.close()
+                except Exception:   # a private API that moved: DALI's finalizers still free it
+                    pass
+        del its
 
     def close(self) -> None:
         self._stop()
