@@ -72,6 +72,15 @@ AUTOTUNE = os.environ.get("FASTAVTS_AUTOTUNE", "1") != "0"
 # the loss-matrix cell codes (fastavts/pairs.py: Cell), as plain ints for the kernels
 POS, EASY, HARD, IGNORED = (int(c) for c in (Cell.POS, Cell.EASY, Cell.HARD, Cell.IGNORED))
 IMPLS = ("auto", "triton", "reference")
+# Tiles of the in-batch margin kernels: (BLOCK_B, BLOCK_M, BLOCK_K, warps, stages), the backward
+# with BLOCK_DO (output columns of dX) before the warps; the first is the one used without
+# autotuning. Each compiles for sm_90 at fp32 (3xTF32), fp16 and bf16 with no register spilled
+# and within an H100's shared memory (compile_all reports it; the CPU tests check it with
+# ptxas): larger tiles, 4 warps or 3 stages spilled 100 B - 4 KB a thread. InfoNCE has its own
+# (kernels/infonce.py).
+FWD_TILES = ((64, 64, 32, 8, 2), (64, 64, 16, 8, 2))
+BWD_TILES = ((64, 64, 16, 128, 8, 2), (64, 32, 32, 128, 8, 2), (64, 64, 32, 64, 8, 2))
+SHARED_LIMIT = 227 * 1024   # bytes of shared memory a block may use on an H100 / H200
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,22 +309,18 @@ def coefficients(counts, hard_share: float | None):
 
 if triton is not None:
 
-    def _configs(fwd: bool):
+    def _configs(fwd: bool, tiles=None):
+        """Autotune configs of a forward or backward kernel from its tiles (default: this
+        file's FWD_TILES / BWD_TILES)."""
         if INTERPRET:  # the interpreter runs one config, with large tiles (fewer Python steps)
             return [triton.Config({"BLOCK_B": 64, "BLOCK_M": 64, "BLOCK_K": 128}
                                   | ({} if fwd else {"BLOCK_DO": 512}), num_warps=4)]
         out = []
-        tiles = ((64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 3),
-                 (128, 128, 32, 8, 3), (128, 128, 64, 8, 2), (32, 64, 64, 4, 4))
-        for bb, bm, bk, w, s in tiles if AUTOTUNE else tiles[:1]:
-            if fwd:
-                out.append(triton.Config({"BLOCK_B": bb, "BLOCK_M": bm, "BLOCK_K": bk},
-                                         num_warps=w, num_stages=s))
-            else:
-                for bdo in (64, 128, 256) if AUTOTUNE else (128,):
-                    if bb * bdo <= 16384:       # the fp32 accumulator stays in registers
-                        out.append(triton.Config({"BLOCK_B": bb, "BLOCK_M": bm, "BLOCK_K": bk,
-                                                  "BLOCK_DO": bdo}, num_warps=w, num_stages=s))
+        tiles = tiles or (FWD_TILES if fwd else BWD_TILES)
+        for tile in tiles[:None if AUTOTUNE else 1]:
+            *blocks, w, s = tile
+            names = ("BLOCK_B", "BLOCK_M", "BLOCK_K") + (() if fwd else ("BLOCK_DO",))
+            out.append(triton.Config(dict(zip(names, blocks)), num_warps=w, num_stages=s))
         return out
 
     def _prune(configs, named_args, **kwargs):
@@ -583,7 +588,8 @@ def _inbatch_grad(x, y, xn, yn, xv, xt, yv, yt, coef, margin, hard_min_shift, sy
 
 
 def _prep_ids(t):
-    return t.to(torch.int64).contiguous()
+    """Video ids as int32 (dataset indices; -1 pads): int64 ids cost the kernels registers."""
+    return t.to(torch.int32).contiguous()
 
 
 def _prep_times(t):
@@ -643,7 +649,7 @@ _contrastive_sums.register_autograd(_sums_backward, setup_context=_sums_setup)
 
 
 def _paired_launch_sizes(D):
-    return 64, min(128, max(16, triton.next_power_of_2(D)))
+    return 64, min(32, max(16, triton.next_power_of_2(D)))   # 128 wide: 700-900 B spilled
 
 
 @torch.library.custom_op("fastavts::paired_contrastive_fwd", mutates_args=())
@@ -773,49 +779,96 @@ def paired_contrastive_loss(v, a, y, *, margin: float = 1.0, impl: str = "auto")
 
 
 # --------------------------------------------------------------------------------------------
-# `python -m fastavts.kernels.contrastive --compile 90`: compile every kernel for a GPU
-# architecture without one (ptxas runs; nothing is launched). Used by the CPU tests.
+# `python -m fastavts.kernels.contrastive --compile 90`: compile every kernel at every tile it
+# may run with, for a GPU architecture without one (ptxas runs; nothing is launched), and
+# report its registers, stack (spilled registers) and shared memory. Used by the CPU tests.
 
-def compile_all(arch: int = 90) -> list[str]:
+def compile_report(jobs, arch: int = 90) -> list[dict]:
+    """jobs: (name, jit function, signature, constexprs, warps, stages). One row each."""
+    import subprocess
+    import tempfile
+
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     if INTERPRET:
         raise RuntimeError("unset TRITON_INTERPRET to compile the kernels")
-    target, done = GPUTarget("cuda", arch, 32), []
-    ids = {"XV": "*i64", "XT": "*fp32", "YV": "*i64", "YT": "*fp32", "LIM": "*fp64"}
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    rows = []
+    for name, fn, sig, const, warps, stages in jobs:
+        k = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": warps, "num_stages": stages})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                                   text=True, check=True).stdout
+        fields = dict(x.split(":", 1) for x in usage.split() if x.split(":")[0] in ("REG", "STACK"))
+        row = dict(kernel=name, config={k2: v for k2, v in const.items() if k2.startswith("BLOCK")},
+                   warps=warps, stages=stages, registers=int(fields["REG"]),
+                   stack_bytes=int(fields["STACK"]), shared_bytes=int(k.metadata.shared))
+        print(f"{name} sm_{arch} {row['config']} w{warps} s{stages}: {row['registers']} "
+              f"registers, stack {row['stack_bytes']} B, shared {row['shared_bytes']} B",
+              flush=True)
+        rows.append(row)
+    return rows
+
+
+def _signatures(t: str, last: str):
+    """(X/Y/ids/times pointers, sizes) of an in-batch kernel at dtype `t` (`last`: margin or
+    inv_t)."""
+    ids = {"XV": "*i32", "XT": "*fp32", "YV": "*i32", "YT": "*fp32", "LIM": "*fp64"}
     sizes = {"Bn": "i32", "Mn": "i32", "D": "i32", "m_per_split": "i32", "sxb": "i32",
-             "sxd": "i32", "syb": "i32", "syd": "i32", "margin": "fp32"}
-    rows = {"Bn": "i32", "D": "i32", "sxb": "i32", "sxd": "i32", "syb": "i32", "syd": "i32",
-            "margin": "fp32", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr"}
-    for t in ("fp32", "fp16", "bf16"):
-        prec, gprec = _precisions({"fp32": torch.float32, "fp16": torch.float16,
-                                   "bf16": torch.bfloat16}[t])
-        xy = {"X": f"*{t}", "Y": f"*{t}", "XN": "*fp32", "YN": "*fp32", **ids}
-        blocks = {"BLOCK_B": "constexpr", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
-        jobs = [
-            ("inbatch_fwd", _inbatch_fwd_kernel.fn,
-             {**xy, "OUT": "*fp32", **sizes, **blocks, "PRECISION": "constexpr"},
-             dict(BLOCK_B=128, BLOCK_M=64, BLOCK_K=64, PRECISION=prec)),
-            ("inbatch_bwd", _inbatch_bwd_kernel.fn,
-             {**xy, "COEF": "*fp32", "DX": "*fp32", **sizes, **blocks, "BLOCK_DO": "constexpr",
-              "PRECISION": "constexpr", "GRAD_PRECISION": "constexpr"},
-             dict(BLOCK_B=64, BLOCK_M=64, BLOCK_K=64, BLOCK_DO=128, PRECISION=prec,
-                  GRAD_PRECISION=gprec)),
-            ("paired_fwd", _paired_fwd_kernel,
-             {"X": f"*{t}", "Y": f"*{t}", "LAB": "*i32", "OUT": "*fp32", **rows},
-             dict(BLOCK_R=64, BLOCK_K=64)),
-            ("paired_bwd", _paired_bwd_kernel,
-             {"X": f"*{t}", "Y": f"*{t}", "LAB": "*i32", "COEF": "*fp32", "DX": f"*{t}",
-              "DY": f"*{t}", **rows}, dict(BLOCK_R=64, BLOCK_K=64))]
-        for name, fn, sig, const in jobs:
-            k = triton.compile(ASTSource(fn, sig, const), target=target,
-                               options={"num_warps": 4, "num_stages": 3})
-            line = (f"{name} {t} sm_{arch}: cubin {len(k.asm['cubin'])} bytes, shared memory "
-                    f"{k.metadata.shared} bytes")
-            print(line)
-            done.append(line)
-    return done
+             "sxd": "i32", "syb": "i32", "syd": "i32", last: "fp32"}
+    return {"X": f"*{t}", "Y": f"*{t}", "XN": "*fp32", "YN": "*fp32", **ids}, sizes
+
+
+def inbatch_jobs(fwd_kernel, bwd_kernel, t: str, dtype, last: str, out_name: str,
+                 bwd_extra: dict, bwd_variants=({},), precisions=None, tiles=None):
+    """compile_report jobs of an in-batch loss's kernels at every tile they may run with
+    (`precisions`: the loss's own dtype -> tl.dot precisions; `tiles`: its (forward, backward)
+    tiles, default this file's)."""
+    fwd_tiles, bwd_tiles = tiles or (FWD_TILES, BWD_TILES)
+    prec, gprec = (precisions or _precisions)(dtype)
+    xy, sizes = _signatures(t, last)
+    blocks = {"BLOCK_B": "constexpr", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
+    jobs = []
+    for bb, bm, bk, w, st in fwd_tiles:
+        jobs.append((f"{out_name}_fwd {t}", fwd_kernel,
+                     {**xy, "OUT": "*fp32", **sizes, **blocks, "PRECISION": "constexpr"},
+                     dict(BLOCK_B=bb, BLOCK_M=bm, BLOCK_K=bk, PRECISION=prec), w, st))
+    for bb, bm, bk, bdo, w, st in bwd_tiles:
+        for variant in bwd_variants:
+            sig = {**xy, **bwd_extra, "DX": "*fp32", **sizes, **blocks, "BLOCK_DO": "constexpr",
+                   "PRECISION": "constexpr", "GRAD_PRECISION": "constexpr",
+                   **{k: "constexpr" for k in variant}}
+            jobs.append((f"{out_name}_bwd{''.join(f' {k}={v}' for k, v in variant.items())} {t}",
+                         bwd_kernel, sig, dict(BLOCK_B=bb, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DO=bdo,
+                                               PRECISION=prec, GRAD_PRECISION=gprec, **variant),
+                         w, st))
+    return jobs
+
+
+DTYPES = (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16))
+
+
+def compile_all(arch: int = 90) -> list[dict]:
+    """Every kernel of this file, every tile and dtype, compiled for `arch` (report rows)."""
+    jobs = []
+    for t, dtype in DTYPES:
+        jobs += inbatch_jobs(_inbatch_fwd_kernel.fn, _inbatch_bwd_kernel.fn, t, dtype,
+                             "margin", "inbatch", {"COEF": "*fp32"})
+        rows = {"Bn": "i32", "D": "i32", "sxb": "i32", "sxd": "i32", "syb": "i32", "syd": "i32",
+                "margin": "fp32", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr"}
+        br, bk = _paired_launch_sizes(128)
+        jobs.append((f"paired_fwd {t}", _paired_fwd_kernel,
+                     {"X": f"*{t}", "Y": f"*{t}", "LAB": "*i32", "OUT": "*fp32", **rows},
+                     dict(BLOCK_R=br, BLOCK_K=bk), 4, 3))
+        jobs.append((f"paired_bwd {t}", _paired_bwd_kernel,
+                     {"X": f"*{t}", "Y": f"*{t}", "LAB": "*i32", "COEF": "*fp32", "DX": f"*{t}",
+                      "DY": f"*{t}", **rows}, dict(BLOCK_R=br, BLOCK_K=bk), 4, 3))
+    return compile_report(jobs, arch)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 
 from .contrastive import (  # noqa: F401
+    DTYPES,
     EASY,
     HARD,
     IGNORED,
@@ -54,7 +55,9 @@ from .contrastive import (  # noqa: F401
     _prep_ids,
     _prep_times,
     _use_triton,
+    compile_report,
     gather_columns,
+    inbatch_jobs,
     pair_cells,
     world_scale,
 )
@@ -118,12 +121,18 @@ def inbatch_infonce_reference(v, a, clip_video, clip_t0, audio_video, audio_t0, 
 # --------------------------------------------------------------------------------------------
 # Triton kernels
 
+# Tiles of the InfoNCE kernels (as contrastive.FWD_TILES / BWD_TILES: the first without
+# autotuning, each compiled for sm_90 at every dtype with no register spilled; its fp32 distance
+# product in IEEE fp32 needs narrower row blocks than the margin kernel's)
+FWD_TILES = ((32, 64, 32, 8, 2), (64, 64, 32, 8, 1))
+BWD_TILES = ((32, 64, 16, 128, 8, 2), (32, 32, 32, 128, 8, 2), (32, 64, 16, 256, 8, 2))
+
 if triton is not None:
     from .contrastive import _configs, _dist_tile, _kinds_tile, _prune
 
     NEG = tl.constexpr(-1.0e30)   # "minus infinity" that keeps exp(x - max) finite
 
-    @triton.autotune(configs=_configs(True), key=["Bn", "Mn", "D"])
+    @triton.autotune(configs=_configs(True, FWD_TILES), key=["Bn", "Mn", "D"])
     @triton.jit
     def _infonce_fwd_kernel(X, Y, XN, YN, XV, XT, YV, YT, LIM, OUT, Bn, Mn, D, m_per_split,
                             sxb, sxd, syb, syd, inv_t,
@@ -167,7 +176,7 @@ if triton is not None:
         tl.store(o + 1, logp, mask=mb)
         tl.store(o + 2, npos, mask=mb)
 
-    @triton.autotune(configs=_configs(False), key=["Bn", "Mn", "D"],
+    @triton.autotune(configs=_configs(False, BWD_TILES), key=["Bn", "Mn", "D"],
                      prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _infonce_bwd_kernel(X, Y, XN, YN, XV, XT, YV, YT, LIM, STATS, DX, Bn, Mn, D,
@@ -343,41 +352,19 @@ def inbatch_infonce_loss(v, a, clip_video, clip_t0, audio_video, audio_t0, *,
 
 
 # --------------------------------------------------------------------------------------------
-# `python -m fastavts.kernels.infonce --compile 90`: compile every kernel for a GPU architecture
-# without one (ptxas runs; nothing is launched). Used by the CPU tests.
+# `python -m fastavts.kernels.infonce --compile 90`: compile every kernel at every tile it may run
+# with, for a GPU architecture without one, and report its resources (contrastive.py has how).
 
-def compile_all(arch: int = 90) -> list[str]:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if INTERPRET:
-        raise RuntimeError("unset TRITON_INTERPRET to compile the kernels")
-    target, done = GPUTarget("cuda", arch, 32), []
-    ids = {"XV": "*i64", "XT": "*fp32", "YV": "*i64", "YT": "*fp32", "LIM": "*fp64"}
-    sizes = {"Bn": "i32", "Mn": "i32", "D": "i32", "m_per_split": "i32", "sxb": "i32",
-             "sxd": "i32", "syb": "i32", "syd": "i32", "inv_t": "fp32"}
-    blocks = {"BLOCK_B": "constexpr", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
-    for t, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        prec, gprec = _precisions(dtype)
-        xy = {"X": f"*{t}", "Y": f"*{t}", "XN": "*fp32", "YN": "*fp32", **ids}
-        jobs = [("infonce_fwd", _infonce_fwd_kernel.fn,
-                 {**xy, "OUT": "*fp32", **sizes, **blocks, "PRECISION": "constexpr"},
-                 dict(BLOCK_B=128, BLOCK_M=64, BLOCK_K=64, PRECISION=prec))]
-        for on_rows in (True, False):
-            jobs.append((f"infonce_bwd_{'rows' if on_rows else 'cols'}", _infonce_bwd_kernel.fn,
-                         {**xy, "STATS": "*fp32", "DX": "*fp32", **sizes, **blocks,
-                          "BLOCK_DO": "constexpr", "PRECISION": "constexpr",
-                          "GRAD_PRECISION": "constexpr", "STATS_ON_ROWS": "constexpr"},
-                         dict(BLOCK_B=64, BLOCK_M=64, BLOCK_K=64, BLOCK_DO=128, PRECISION=prec,
-                              GRAD_PRECISION=gprec, STATS_ON_ROWS=on_rows)))
-        for name, fn, sig, const in jobs:
-            k = triton.compile(ASTSource(fn, sig, const), target=target,
-                               options={"num_warps": 4, "num_stages": 3})
-            line = (f"{name} {t} sm_{arch}: cubin {len(k.asm['cubin'])} bytes, shared memory "
-                    f"{k.metadata.shared} bytes")
-            print(line)
-            done.append(line)
-    return done
+def compile_all(arch: int = 90) -> list[dict]:
+    """Every kernel of this file, every tile and dtype, compiled for `arch` (report rows:
+    contrastive.compile_report)."""
+    jobs = []
+    for t, dtype in DTYPES:
+        jobs += inbatch_jobs(_infonce_fwd_kernel.fn, _infonce_bwd_kernel.fn, t, dtype, "inv_t",
+                             "infonce", {"STATS": "*fp32"},
+                             bwd_variants=({"STATS_ON_ROWS": True}, {"STATS_ON_ROWS": False}),
+                             precisions=_precisions, tiles=(FWD_TILES, BWD_TILES))
+    return compile_report(jobs, arch)
 
 
 if __name__ == "__main__":

@@ -271,22 +271,46 @@ def test_compiled_graph_has_no_break():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_kernels_compile_for_hopper_without_a_gpu():
-    """ptxas accepts every kernel for sm_90 at each dtype (catches what the interpreter
-    forgives: dtypes, tl.dot shapes, shared memory); running them needs the GPU. In a
-    subprocess: the kernels of this process are interpreted ones."""
+def compiled_for_hopper(module: str) -> list[dict]:
+    """Every kernel of `module` at every tile it may run with, compiled for sm_90 by ptxas in
+    a subprocess (the kernels of this process are interpreted ones): the report's rows."""
     import os
+    import re
     import subprocess
     import sys
 
     if CUDA:
         pytest.skip("the GPU runs the kernels themselves")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "fastavts.kernels.contrastive", "--compile", "90"],
-                       env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", module, "--compile", "90"], env=env,
+                       capture_output=True, text=True, timeout=900)
     print(r.stdout, r.stderr[-3000:])
     assert r.returncode == 0
-    assert r.stdout.count("cubin") == 12   # 4 kernels x fp32/fp16/bf16
+    line = re.compile(r"^(.+) sm_90 (\{.*\}) w(\d+) s(\d+): (\d+) registers, stack (\d+) B, "
+                      r"shared (\d+) B$")
+    rows = [line.match(x) for x in r.stdout.splitlines() if " sm_90 " in x]
+    assert rows and all(rows), r.stdout
+    return [dict(name=m[1], tile=m[2], registers=int(m[5]), stack=int(m[6]), shared=int(m[7]))
+            for m in rows]
+
+
+def check_resources(rows: list[dict]) -> None:
+    """No register spilled to local memory (stack 0: the kernels keep no local arrays) and
+    shared memory within an H100's 227 KB per block, at every tile a run may pick."""
+    spilled = [r for r in rows if r["stack"]]
+    assert not spilled, f"{len(spilled)} kernel(s) spill: {spilled[:4]}"
+    over = [r for r in rows if r["shared"] > C.SHARED_LIMIT]
+    assert not over, over
+
+
+def test_kernels_compile_for_hopper_without_spills_within_shared_memory():
+    """ptxas accepts every kernel for sm_90 at each dtype and tile (catches what the
+    interpreter forgives: dtypes, tl.dot shapes, shared memory), none spills registers (the
+    tiles before this check spilled 100 B - 4 KB a thread) and each fits the shared memory."""
+    rows = compiled_for_hopper("fastavts.kernels.contrastive")
+    tiles = len(C.FWD_TILES) + len(C.BWD_TILES) + 2       # + the paired forward and backward
+    assert len(rows) == 3 * tiles                           # fp32, fp16, bf16
+    check_resources(rows)
 
 
 def test_pooled_negatives_are_one_mean_over_every_negative_pair():

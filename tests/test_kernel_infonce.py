@@ -160,18 +160,13 @@ def test_compiled_graph_has_no_break():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_kernels_compile_for_hopper_without_a_gpu():
-    import os
-    import subprocess
-    import sys
+def test_kernels_compile_for_hopper_without_spills_within_shared_memory():
+    from test_kernel_contrastive import check_resources, compiled_for_hopper
 
-    if torch.cuda.is_available():
-        pytest.skip("the GPU runs the kernels themselves")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "fastavts.kernels.infonce", "--compile", "90"],
-                       env=env, capture_output=True, text=True, timeout=600)
-    print(r.stdout, r.stderr[-3000:])
-    assert r.returncode == 0 and r.stdout.count("cubin") == 9   # 3 kernels x 3 dtypes
+    rows = compiled_for_hopper("fastavts.kernels.infonce")
+    # per dtype: the forward at each forward tile, the backward (on rows, on columns) at each
+    assert len(rows) == 3 * (len(I.FWD_TILES) + 2 * len(I.BWD_TILES))
+    check_resources(rows)
 
 
 @pytest.mark.parametrize("B,M,D", [(129, 257, 130), (1, 7, 64)])
