@@ -7,11 +7,12 @@ NVDEC library in its sandbox).
         env         GPU, driver, versions, NVDEC library present or not
         tests       tests/test_kernel_contrastive.py and test_kernel_infonce.py compiled (fp32,
                     fp16, bf16) and tests/test_models.py (torchvision's weights load into our
-                    nets, same outputs)
+                    nets, same outputs), in 8 pytest processes at once (the kernels compile
+                    side by side)
         bench_model R(2+1)D-18 16x112x112 + audio net, bf16, channels_last, batch 64 and 32
                     (target: MFU >= 35 %)
         bench_loss  margin loss then InfoNCE: eager vs torch.compile vs Triton, fwd+bwd,
-                    B 1024/8192/4096, D 128/512, fp32 (target: Triton <= 1/3 eager, <= 2/3
+                    B 1024 and 8192, D 128, fp32 (target: Triton <= 1/3 eager, <= 2/3
                     compiled; its loss error vs eager)
     python bench/gpu_checks.py dali   # needs DALI, PyAV and OmegaConf carried in (README)
         env         as above, plus the imports; without NVDEC the mixed-decoder steps are left
@@ -20,12 +21,14 @@ NVDEC library in its sandbox).
         tests       the GPU tests of tests/test_loaders.py and tests/test_train.py: mixed decoder
                     on H.264 vs PyAV (1 and 3 pipelines), prepare's codec=auto, and training
                     steps under torch.cuda.set_sync_debug_mode("error") (0 host syncs)
-        bench_data  DALI with 1, 2, 4, 7 video pipelines vs the PyAV DataLoader on all cores,
+        bench_data  DALI with 1 and 7 video pipelines vs the PyAV DataLoader on all cores,
                     NVML SM and NVDEC utilisation (targets: >= 5x PyAV, >= 2x model-only)
         bench_train end to end vs model-only, DALI and PyAV (targets: ratio >= 0.9, SM > 90 %)
 
-Every step runs as its own process group under a time limit, and the limits are cut so that
-the whole part ends within --budget seconds (default 510, well inside a 10-minute command); a
+Every step runs as its own process group under its time limit (CORE_STEPS, DALI_STEPS), and
+the limits are cut so that the whole part ends within --budget seconds (default: their sum,
+core 390 and dali 300, inside a 10-minute command and, with the DALI staging and the machine's
+start, inside one task's 15 minutes of device time); a
 step out of time gets SIGINT first (pytest then still writes its junit file and names the test
 it was in), SIGKILL 15 s later. Each step logs to <work>/<part>/<step>.log and its benchmark
 rows go, row by row as they are measured, to <work>/<part>/results/<bench>.jsonl; a step that
@@ -214,6 +217,43 @@ sys.meta_path.insert(0, _Block())
 """
 
 
+def shards(nodeids: list[str], n: int) -> list[list[str]]:
+    """Tests dealt in turn to n pytest processes (a GPU machine's cores compile the kernels of
+    several tests at once; one process compiles one kernel at a time)."""
+    return [nodeids[i::n] for i in range(n) if nodeids[i::n]]
+
+
+SHARD_SCRIPT = r"""
+import subprocess, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from gpu_checks import shards
+n, out, args = int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:]
+py = sys.executable
+listed = subprocess.run([py, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                         *args], capture_output=True, text=True).stdout.splitlines()
+ids = [x for x in listed if "::" in x]
+print(f"{len(ids)} tests in {min(n, len(ids))} processes", flush=True)
+procs = []
+for i, part in enumerate(shards(ids, n)):
+    cmd = [py, "-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", "-o",
+           "faulthandler_timeout=60", "--junitxml", str(out / f"tests_{i}.xml"), *part]
+    procs.append(subprocess.Popen(cmd, stdout=open(out / f"tests_{i}.log", "w"),
+                                  stderr=subprocess.STDOUT))
+codes = [p.wait() for p in procs]
+for i, c in enumerate(codes):
+    tail = (out / f"tests_{i}.log").read_text(errors="replace").splitlines()[-1:]
+    print(f"process {i}: exit {c}: {tail[0] if tail else ''}", flush=True)
+sys.exit(max(codes, default=0))
+"""
+
+
+def sharded_tests(r: Runner, files: list[str], n: int) -> list[str]:
+    """The command of a step that runs `files`' tests in n pytest processes at once (each with
+    its own log and junit file in the work folder); its exit code is the worst of theirs."""
+    return [PY, "-c", SHARD_SCRIPT, str(HERE), str(n), str(r.dir), *files]
+
+
 def block_imports(r: Runner, names: list[str]) -> None:
     """Dry run of `core`: make the packages the GPU machine lacks fail to import, so the part
     is shown to need nothing but the project (a sitecustomize on PYTHONPATH)."""
@@ -223,21 +263,31 @@ def block_imports(r: Runner, names: list[str]) -> None:
     r.env["PYTHONPATH"] = os.pathsep.join([str(d), r.env["PYTHONPATH"]])
 
 
-def env_step(r: Runner, modules: list[str]) -> dict:
+def env_step(r: Runner, modules: list[str], limit: float) -> dict:
     lib = nvdec_library()
-    r.step("env", [PY, "-c", ENV_SCRIPT, str(REPO), lib or "", *modules], 60)
+    r.step("env", [PY, "-c", ENV_SCRIPT, str(REPO), lib or "", *modules], max(limit, 30))
     return dict(nvdec_library=lib)
 
 
+# Seconds each step of a part may take on the lent GPU machine (the step's own limit), in
+# order. Both parts and the DALI staging fit one task's 15 minutes of device time together with
+# the machine's start (README, "GPU checks still open", has the arithmetic).
+CORE_STEPS = {"env": 30, "tests": 150, "bench_model": 90, "bench_loss": 120}
+DALI_STEPS = {"env": 20, "data": 60, "tests": 60, "bench_data": 80, "bench_train": 80}
+TEST_PROCESSES = 8   # pytest processes compiling kernels side by side (16 cores)
+KERNEL_TESTS = ["tests/test_kernel_contrastive.py", "tests/test_kernel_infonce.py"]
+
+
 def core(r: Runner) -> Path:
+    lim = CORE_STEPS
     if r.dry:
         block_imports(r, ["omegaconf", "av", "nvidia"])
-    extra = env_step(r, ["torch", "triton", "torchvision", "omegaconf", "fastavts.kernels"])
-    pytest = PYTEST + ["--junitxml", str(r.dir / "tests.xml")]
+    extra = env_step(r, ["torch", "triton", "torchvision", "omegaconf", "fastavts.kernels"],
+                     lim["env"])
     if r.dry:
-        r.step("tests", pytest + ["tests/test_kernel_contrastive.py", "tests/test_kernel_infonce.py",
-                                  "tests/test_models.py",
-                                  "-k", "1-7-64 or hand_computed or tiny or definition"], 240)
+        r.step("tests", sharded_tests(r, [*KERNEL_TESTS, "tests/test_models.py", "-k",
+                                          "1-7-64 or hand_computed or tiny or definition"], 2),
+               240)
         r.step("bench_model", [PY, "bench/bench_model.py", "--models", "tiny", "audio_tiny",
                                "--batch-sizes", "2", "--frames", "8", "--size", "32",
                                "--channels-last", "off", "--repeats", "2", "--warmup", "1",
@@ -247,23 +297,27 @@ def core(r: Runner) -> Path:
                               "--repeats", "2", "--warmup", "1",
                               "--out", r.results("loss")], 120)
     else:
-        r.step("tests", pytest + ["tests/test_kernel_contrastive.py", "tests/test_kernel_infonce.py",
-                                  "tests/test_models.py"], 160)
+        # the kernel tests compile ~110 kernels (fp32, fp16, bf16): in 8 processes at once
+        r.step("tests", sharded_tests(r, [*KERNEL_TESTS, "tests/test_models.py"],
+                                      TEST_PROCESSES), lim["tests"])
         r.step("bench_model", [PY, "bench/bench_model.py", "--models", "r2plus1d_18", "audio",
                                "--batch-sizes", "64", "32", "--precision", "bf16",
                                "--channels-last", "on", "--compile", "off", "--repeats", "15",
-                               "--warmup", "5", "--out", r.results("model")], 100)
-        # the margin loss first (the issue's grid), then InfoNCE; rows land as they are timed
+                               "--warmup", "5", "--out", r.results("model")], lim["bench_model"])
+        # the margin loss, then InfoNCE, at the ends of the target's batch range (dim 128): 4
+        # inductor compilations and 5 + 8 autotuned kernels; rows land as they are timed
         r.step("bench_loss", [PY, "bench/bench_loss.py", "--loss", "contrastive", "infonce",
-                              "--sizes", "1024", "8192", "4096", "--dims", "128", "512",
+                              "--sizes", "1024", "8192", "--dims", "128",
                               "--dtype", "fp32", "--passes", "fwd+bwd",
                               "--impl", "eager", "compiled", "triton", "--repeats", "20",
-                              "--warmup", "3", "--out", r.results("loss")], 250)
+                              "--warmup", "3", "--out", r.results("loss")], lim["bench_loss"])
     return r.finish(extra)
 
 
 def dali(r: Runner) -> Path:
-    extra = env_step(r, ["torch", "nvidia.dali", "av", "omegaconf", "fastavts.kernels"])
+    lim = DALI_STEPS
+    extra = env_step(r, ["torch", "nvidia.dali", "av", "omegaconf", "fastavts.kernels"],
+                     lim["env"])
     nvdec = bool(extra["nvdec_library"]) or r.dry
     extra["nvdec_steps"] = "run" if nvdec else "left out: no libnvcuvid.so on this machine"
     device = "cpu" if r.dry else "gpu"
@@ -274,7 +328,7 @@ def dali(r: Runner) -> Path:
     else:
         data = [PY, "bench/bench_data.py", "--prepare-only", "--device", "gpu", "--videos", "48",
                 "--seconds", "10", "--cache", cache]
-    r.step("data", data, 90)
+    r.step("data", data, 90 if r.dry else lim["data"])
     log = (r.dir / "data.log").read_text(errors="replace")
     sets = [x.split("prepared set: ", 1)[1].strip() for x in log.splitlines()
             if x.startswith("prepared set: ")]
@@ -286,7 +340,8 @@ def dali(r: Runner) -> Path:
         r.step("tests", pytest + ["tests/test_loaders.py", "-k", "only_decode"], 240)
     else:
         sel = "gpu" if nvdec else "gpu and not dali and not mixed"
-        r.step("tests", pytest + ["tests/test_loaders.py", "tests/test_train.py", "-k", sel], 120)
+        r.step("tests", pytest + ["tests/test_loaders.py", "tests/test_train.py", "-k", sel],
+               lim["tests"])
     loaders = ["dali", "pyav"] if nvdec else ["pyav"]
     if r.dry:
         r.step("bench_data", [PY, "bench/bench_data.py", "--device", device, "--data", root,
@@ -301,13 +356,13 @@ def dali(r: Runner) -> Path:
     else:
         r.step("bench_data", [PY, "bench/bench_data.py", "--device", device, "--data", root,
                               "--loader", *loaders, "--batch-size", "64", "--workers", "2",
-                              "--pipelines", "1", "2", "4", "7", "--batches", "10",
+                              "--pipelines", "1", "7", "--batches", "10",
                               "--repeats", "3", "--warmup", "3",
-                              "--out", r.results("data")], 130)
+                              "--out", r.results("data")], lim["bench_data"])
         r.step("bench_train", [PY, "bench/bench_train.py", "--data", root, "--loader",
                                *(loaders if nvdec else ["pyav", "memory"]),
-                               "--batch-size", "64", "--steps", "40", "--warmup", "8",
-                               "--out", r.results("train")], 150)
+                               "--batch-size", "64", "--steps", "30", "--warmup", "8",
+                               "--out", r.results("train")], lim["bench_train"])
     return r.finish(extra)
 
 
@@ -331,8 +386,9 @@ def main(argv=None) -> int:
     ap.add_argument("tarball", nargs="?", help="merge: the tarball a GPU run returned")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_checks"),
                     help="where the logs and the tarball go (default $OUT)")
-    ap.add_argument("--budget", type=float, default=510.0,
-                    help="seconds the whole part may take (steps' limits are cut to fit)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds the whole part may take (steps' limits are cut to fit); "
+                         "default: the sum of the part's step limits (core 390, dali 300)")
     ap.add_argument("--dry-run", action="store_true",
                     help="the same steps at toy sizes on a CPU")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "fastavts_gpu_checks"),
@@ -343,7 +399,11 @@ def main(argv=None) -> int:
         if not args.tarball:
             ap.error("merge needs the tarball")
         return merge(args.tarball)
-    r = Runner(args.part, Path(args.out), args.budget, args.dry_run, Path(args.work))
+    budget = args.budget or (sum(CORE_STEPS.values()) if args.part == "core"
+                             else sum(DALI_STEPS.values()))
+    if args.dry_run:
+        budget = max(budget, 900)   # toy sizes on 2 CPU cores, with the interpreter
+    r = Runner(args.part, Path(args.out), budget, args.dry_run, Path(args.work))
     (core if args.part == "core" else dali)(r)
     return 1 if r.failed() else 0
 
