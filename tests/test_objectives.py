@@ -209,17 +209,17 @@ def test_the_sync_classifier_leaves_its_projections_without_gradient(prepared, t
     assert len(moved) == n_params - n_proj > 0   # Adam moments for every trained parameter
 
 
-def test_ce_trains_three_steps_on_two_gloo_ranks(prepared, tmp_path):
-    """`fastavts train` with loss.kind=ce under torchrun, 2 gloo ranks, 3 steps (before: DDP
-    raised "Expected to have finished reduction in the prior iteration" at the second step:
-    the projections got no gradient)."""
+def test_ce_trains_two_epochs_on_two_gloo_ranks(prepared, tmp_path):
+    """`fastavts train` with loss.kind=ce under torchrun, 2 gloo ranks, two epochs of 3 steps
+    (before: DDP raised "Expected to have finished reduction in the prior iteration" at the
+    second step: the projections got no gradient)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", "29533", "-m", "fastavts", "train", "--out", str(tmp_path / "run"),
            "-q", *FAST, f"train.data={prepared}", "loss.kind=ce", "sampler.paired_windows=2",
-           "sampler.clips_per_video=4", "train.epochs=1", "synth.width=96", "synth.height=64", "prepare.short_side=64"]
+           "sampler.clips_per_video=4", "train.epochs=2", "synth.width=96", "synth.height=64", "prepare.short_side=64"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     print(p.stdout[-2000:], p.stderr[-3000:])
     assert p.returncode == 0
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert m["steps"] == 3 and m["world_size"] == 2 and m["skipped_nonfinite"] == 0
+    assert m["steps"] == 6 and m["world_size"] == 2 and m["skipped_nonfinite"] == 0
