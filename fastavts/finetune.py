@@ -91,6 +91,8 @@ def finetune(checkpoint: str | Path, dataset: str, root: str | Path, prepared: s
         bar.close()
         loader.close()
     train_s = time.perf_counter() - t0
+    if world > 1:   # the last collective: no rank leaves while another still talks
+        torch.distributed.barrier()
     if rank == 0:
         save_checkpoint(run / "checkpoints", step, dict(
             model=model.state_dict(), classes=split_def.classes, config=to_yaml(cfg),

@@ -73,3 +73,17 @@ def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "last.pt"
     torch.save(dict(model=AVTS.from_config(cfg).state_dict(), config=to_yaml(cfg)), path)
     return path
+
+
+def spawn_ranks(fn, args, nprocs: int, done) -> None:
+    """torch.multiprocessing.spawn of `nprocs` gloo ranks. torch 2.13's CPU build sometimes
+    aborts a rank while it exits ("terminate called without an active exception") after its
+    work is done: that abort counts only where `done()` says the results are not all there."""
+    import torch.multiprocessing as mp
+
+    try:
+        mp.spawn(fn, args=args, nprocs=nprocs, join=True)
+    except mp.ProcessExitedException as e:
+        if "SIGABRT" not in str(e) or not done():
+            raise
+        print("a rank aborted on exit after its results were written:", e)

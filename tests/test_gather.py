@@ -12,10 +12,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fastavts.kernels.contrastive import inbatch_contrastive_loss
 from fastavts.kernels.infonce import inbatch_infonce_loss
+
+from conftest import spawn_ranks
 
 B, K, D = 5, 1, 16        # clips per rank, hard windows per clip, embedding size
 
@@ -83,14 +84,15 @@ def embedding_worker(rank, world, store, out, uneven):
                 # DDP divides by world: the share this rank contributes to the average
                 res[(kind, impl, cap)] = (loss.detach(), vr.grad / world, ar.grad / world)
     torch.save(res, f"{out}_{rank}.pt")
+    dist.barrier()     # both ranks done before either tears gloo down (a race aborts a rank)
     dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world,uneven", [(2, False), (3, False), (2, True)],
                          ids=["2_ranks", "3_ranks", "2_ranks_uneven"])
 def test_gathered_negatives_equal_one_process_on_the_whole_batch(tmp_path, world, uneven):
-    mp.spawn(embedding_worker, args=(world, str(tmp_path / "store"), str(tmp_path / "r"), uneven),
-             nprocs=world, join=True)
+    spawn_ranks(embedding_worker, (world, str(tmp_path / "store"), str(tmp_path / "r"), uneven),
+                world, lambda: all((tmp_path / f"r_{k}.pt").is_file() for k in range(world)))
     rows, cols, v, a, cv, ct, av, at = make_batch(world, uneven)
     worst = 0.0
     for kind in ("contrastive", "infonce"):
@@ -124,6 +126,7 @@ def model_worker(rank, world, store, out, kind):
                   group=dist.group.WORLD, gather_capacity=B * (1 + K)).backward()
     if rank == 0:   # DDP has averaged the gradients: every rank holds the same
         torch.save({n: p.grad for n, p in model.module.named_parameters()}, out)
+    dist.barrier()     # both ranks done before either tears gloo down (a race aborts a rank)
     dist.destroy_process_group()
 
 
@@ -147,8 +150,8 @@ def test_ddp_with_gathered_negatives_equals_one_process(tmp_path, kind):
     v, a, _, _ = model(video, audio)
     loss_fn(kind)(v, a, cv, ct, av, at, impl="reference").backward()
     want = {n: p.grad for n, p in model.named_parameters()}
-    mp.spawn(model_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "g.pt"), kind),
-             nprocs=2, join=True)
+    spawn_ranks(model_worker, (2, str(tmp_path / "store"), str(tmp_path / "g.pt"), kind), 2,
+                lambda: (tmp_path / "g.pt").is_file())
     got = torch.load(tmp_path / "g.pt")
     worst = max(((got[n] - want[n]).abs().max() / (want[n].abs().max() + 1e-12)).item()
                 for n in want)

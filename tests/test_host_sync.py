@@ -22,10 +22,9 @@ import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.overrides import TorchFunctionMode
 
-from conftest import small_cfg
+from conftest import small_cfg, spawn_ranks
 
 READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu"}
 DATA_SHAPED = {"nonzero", "masked_select", "unique", "unique_consecutive", "argwhere",
@@ -179,8 +178,8 @@ def _gathered_worker(rank, world, store, prepared, setting, out):
 @pytest.mark.parametrize("setting", ["infonce_inbatch", "contrastive_inbatch"])
 def test_a_step_with_negatives_gathered_from_two_ranks_never_waits_for_the_host(
         prepared, tmp_path, setting):
-    mp.spawn(_gathered_worker, args=(2, str(tmp_path / "store"), prepared, setting, tmp_path),
-             nprocs=2, join=True)
+    spawn_ranks(_gathered_worker, (2, str(tmp_path / "store"), prepared, setting, tmp_path), 2,
+                lambda: all((tmp_path / f"found_{k}.txt").is_file() for k in (0, 1)))
     for rank in (0, 1):
         text = (tmp_path / f"found_{rank}.txt").read_text()
         assert not text, f"rank {rank}, {setting} gathered:\n{text}"

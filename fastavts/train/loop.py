@@ -201,6 +201,8 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
             return dict(stopped_at=run.step, losses=tel.history)
         wall = tel.end_training(run.device.type == "cuda")
         run.checkpoint()
+        if run.world > 1:   # the last collective: no rank leaves while another still talks
+            torch.distributed.barrier()
         run.loader.close()   # its pipelines and workers, before the evaluation's own
         result = summary(run, tel, wall)
         if tel.gpu:
