@@ -30,6 +30,7 @@ The model gives v (B, dim), a (M, dim) embeddings and fv (B, Cv), fa (M, Ca) tow
 """
 from __future__ import annotations
 
+import abc
 import math
 from typing import ClassVar
 
@@ -50,8 +51,9 @@ from .pairs import Role, windows_per_clip
 POSITIVE = int(Role.POSITIVE)
 
 
-class Objective:
-    """The base: a kind names itself in `kind`; the defaults fit a distance-based loss."""
+class Objective(abc.ABC):
+    """The base: a kind names itself in `kind` and says at least its loss and its label-blind
+    value; the other defaults fit a distance-based loss."""
 
     kind: ClassVar[str] = ""
     fused_kernel: ClassVar[bool] = False
@@ -115,8 +117,9 @@ class Objective:
         # the ranks whose windows a row sees (the label-blind value counts them)
         self.ranks_in_loss = world if self.group is not None else 1
 
+    @abc.abstractmethod
     def loss(self, model, b: dict, v, a, fv, fa) -> torch.Tensor:
-        raise NotImplementedError
+        """The training loss of a batch: a 0-d tensor on the device."""
 
     def scores(self, model, v, a, fv, fa) -> torch.Tensor:
         """(n,) for paired (clip i, window i): minus the embedding distance."""
@@ -127,9 +130,9 @@ class Objective:
         own = b["audio_owner"]
         return self.scores(model, v[own], a, fv[own], fa)
 
+    @abc.abstractmethod
     def blind_loss(self, b: dict, x: torch.Tensor) -> torch.Tensor:
         """The batch's label-blind loss, a 0-d float32 tensor on x's device."""
-        raise NotImplementedError
 
     def stat_values(self, model, b: dict, v, a, fv, fa) -> torch.Tensor:
         """(M,) what the collapse watch compares for each window and its own clip: the
