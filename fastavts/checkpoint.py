@@ -216,6 +216,7 @@ def weights_file(path: str | os.PathLike) -> Path:
 def write_export(out: Path, tensors: dict, cfg, state: dict, metrics: dict) -> Path:
     """OUT/{model.safetensors, config.json, README.md}: `tensors` the model's state dict (on
     the CPU), `cfg` and `state` the training checkpoint's config and contents."""
+    import yaml
     from safetensors.torch import save_file
 
     if out.exists() and not out.is_dir():
@@ -225,7 +226,6 @@ def write_export(out: Path, tensors: dict, cfg, state: dict, metrics: dict) -> P
         raise ExportError(f"{out} holds other files; give a new or empty folder (or one made "
                           f"by fastavts export, which is overwritten)")
     out.mkdir(parents=True, exist_ok=True)
-    import yaml
     conf = dict(
         format=FORMAT, format_version=FORMAT_VERSION, library_name="fastavts",
         fastavts_version=_version(), step=int(state.get("step", 0)),

@@ -21,7 +21,7 @@ import numpy as np
 
 from .pairs import Role
 
-POSITIVE, EASY, HARD = int(Role.POSITIVE), int(Role.EASY), int(Role.HARD)
+POSITIVE, EASY, HARD = Role.POSITIVE, Role.EASY, Role.HARD
 
 
 def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:

@@ -48,8 +48,6 @@ from .kernels.contrastive import (
 from .kernels.infonce import inbatch_infonce_loss
 from .pairs import Role, windows_per_clip
 
-POSITIVE = int(Role.POSITIVE)
-
 
 class Objective(abc.ABC):
     """The base: a kind names itself in `kind` and says at least its loss and its label-blind
@@ -125,19 +123,14 @@ class Objective(abc.ABC):
         """(n,) for paired (clip i, window i): minus the embedding distance."""
         return -(v.float() - a.float()).norm(dim=1)
 
-    def own_scores(self, model, b: dict, v, a, fv, fa) -> torch.Tensor:
-        """(M,) the score of each window with the clip it was drawn for."""
-        own = b["audio_owner"]
-        return self.scores(model, v[own], a, fv[own], fa)
-
     @abc.abstractmethod
     def blind_loss(self, b: dict, x: torch.Tensor) -> torch.Tensor:
         """The batch's label-blind loss, a 0-d float32 tensor on x's device."""
 
     def stat_values(self, model, b: dict, v, a, fv, fa) -> torch.Tensor:
-        """(M,) what the collapse watch compares for each window and its own clip: the
-        embedding distance (minus the score)."""
-        return -self.own_scores(model, b, v, a, fv, fa)
+        """(M,) what the collapse watch compares for each window and the clip it was drawn
+        for: the embedding distance."""
+        return (v.float()[b["audio_owner"]] - a.float()).norm(dim=1)
 
     def pair_stats(self, model, b: dict, v, a, fv, fa) -> torch.Tensor:
         """(4,) float32 on the device, no host sync: the mean of stat_values over positive
@@ -145,7 +138,7 @@ class Objective(abc.ABC):
         with torch.no_grad():
             x = self.stat_values(model, b, v.detach(), a.detach(), fv.detach(),
                                  fa.detach()).float()
-            pos = b["role"] == POSITIVE
+            pos = b["role"] == Role.POSITIVE
             n_pos, n_neg = pos.sum().clamp_min(1), (~pos).sum().clamp_min(1)
             spread = x.std() if x.numel() > 1 else x.new_zeros(())
             return torch.stack([(x * pos).sum() / n_pos, (x * ~pos).sum() / n_neg, spread,
@@ -270,8 +263,9 @@ class SyncCE(Objective):
         return lg[:, 1] - lg[:, 0]
 
     def stat_values(self, model, b, v, a, fv, fa):
-        """The logit margins as they are (high = in sync)."""
-        return self.own_scores(model, b, v, a, fv, fa)
+        """The logit margins of each window with its own clip, as they are (high = in sync)."""
+        own = b["audio_owner"]
+        return self.scores(model, v[own], a, fv[own], fa)
 
     def blind_loss(self, b, x):
         return _full(math.log(2.0), x)

@@ -165,7 +165,7 @@ def resolve_loader(lc, machine: Machine) -> LoaderPlan:
     if device != "gpu":
         pipelines = lc.video_pipelines or 1
         threads = lc.threads or default_threads(pipelines, False, machine.cores)
-        return LoaderPlan(device, pipelines, threads, min(threads, lc.threads or 1), lc.workers)
+        return LoaderPlan(device, pipelines, threads, lc.threads or 1, lc.workers)
     pipelines = lc.video_pipelines or max(1, min(default_video_pipelines(machine.gpu_name),
                                                  machine.cores // 2 - 1))
     n = pipelines + 1                                   # the video pipelines and the audio one

@@ -77,9 +77,8 @@ class TrainStep:
                  objective=None, loss_fn=None):
         self.model, self.net, self.opt, self.scaler, self.sched = model, net, opt, scaler, sched
         self.cfg, self.device, self.world = cfg, device, world
-        if objective is None and loss_fn is None:
-            from ..objectives import objective as make_objective
-            objective = make_objective(cfg, world)
+        if (objective is None) == (loss_fn is None):
+            raise ValueError("TrainStep takes an objective or a loss_fn (build_step makes it)")
         self.objective, self.loss_fn = objective, loss_fn
         self.autocast = make_autocast(cfg.train.precision, device)
         self.range = lambda name: nullcontext()
