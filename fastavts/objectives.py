@@ -13,6 +13,8 @@ An objective owns:
   * `idle_parts`: the model parts the loss never reaches, which get no gradient; the trainer
     freezes them before DDP (which would otherwise wait for their gradients for ever);
   * `loss(...)`: the training loss of a batch (a 0-d tensor on the device);
+  * `warm_up(...)`: its fused kernels launched once at the run's shapes before the first step
+    (compiled, and autotuned on rank 0 for every rank);
   * `scores(...)`: per paired (clip i, window i), a score that is high when in sync (sync
     evaluation, offsets);
   * `pair_stats(...)`: the collapse watch's statistics, computed on the device (fastavts/
@@ -123,6 +125,19 @@ class Objective(abc.ABC):
         """(n,) for paired (clip i, window i): minus the embedding distance."""
         return -(v.float() - a.float()).norm(dim=1)
 
+    @property
+    def launches_kernels(self) -> bool:
+        """Whether this run's loss runs on the fused Triton kernels (loss.impl resolved)."""
+        return self.fused_kernel and self.cfg.loss.impl == "triton"
+
+    def warm_up(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Launch this kind's fused kernels once, forward and backward, on made-up embeddings
+        of `dtype` at the shapes a step of this run gives them (rows, columns after the
+        gather, D), so that they compile and autotune before the first step (TrainStep.warm_up
+        calls it where launches_kernels; kernels/tuning.py). No collective."""
+        raise NotImplementedError(f"loss.kind={self.kind} has a fused kernel: its objective "
+                                  f"must say in warm_up how a step launches it")
+
     @abc.abstractmethod
     def blind_loss(self, b: dict, x: torch.Tensor) -> torch.Tensor:
         """The batch's label-blind loss, a 0-d float32 tensor on x's device."""
@@ -164,6 +179,19 @@ def _full(value: float, like: torch.Tensor) -> torch.Tensor:
 def _capacity(cfg) -> int:
     """Windows every rank's batch fits: its size times the windows per clip."""
     return cfg.loader.batch_size * windows_per_clip(cfg)
+
+
+def _made_up(rows: int, dim: int, device, dtype) -> torch.Tensor:
+    """Embeddings for a warm-up launch: (rows, dim) of `dtype`, no random numbers drawn."""
+    x = torch.arange(rows * dim, device=device, dtype=torch.float32).reshape(rows, dim)
+    return torch.sin(0.37 * x).to(dtype).requires_grad_()
+
+
+def _made_up_ids(rows: int, cols: int, device):
+    """(clip_video, clip_t0, audio_video, audio_t0) of a warm-up launch: every clip with its
+    aligned window and windows of other clips and times."""
+    r, c = torch.arange(rows, device=device), torch.arange(cols, device=device)
+    return r, torch.zeros(rows, device=device), c % rows, (c // rows).float() * 0.5
 
 
 def _ids(b: dict, dev):
@@ -215,6 +243,21 @@ class Contrastive(Objective):
             v, a, *_ids(b, dev), margin=lk.margin, hard_share=share,
             hard_min_shift=sm.hard_min_shift, sync_tol=lk.sync_tol, impl=lk.impl,
             group=self.group, gather_capacity=_capacity(self.cfg))
+
+    def warm_up(self, device, dtype):
+        lk, sm = self.cfg.loss, self.cfg.sampler
+        B, M, D = self.cfg.loader.batch_size, _capacity(self.cfg), self.cfg.model.dim
+        if sm.pairs == "paired":   # a step's pairs: each window with its clip
+            v, a = _made_up(M, D, device, dtype), _made_up(M, D, device, dtype)
+            y = torch.arange(M, device=device) % 2
+            loss = paired_contrastive_loss(v, a, y, margin=lk.margin, impl=lk.impl)
+        else:   # the columns as the gather leaves them: every rank's, each padded to M
+            cols = M * self.ranks_in_loss
+            v, a = _made_up(B, D, device, dtype), _made_up(cols, D, device, dtype)
+            loss = inbatch_contrastive_loss(
+                v, a, *_made_up_ids(B, cols, device), margin=lk.margin, hard_share=0.5,
+                hard_min_shift=sm.hard_min_shift, sync_tol=lk.sync_tol, impl=lk.impl)
+        loss.backward()
 
     def blind_loss(self, b, x):
         return _full(self.cfg.loss.margin ** 2 / 4, x)
@@ -300,6 +343,20 @@ class InfoNCE(Objective):
             loss = 0.5 * (loss + inbatch_infonce_loss(
                 a, v, av, at, cv, ct, gather_capacity=self.cfg.loader.batch_size, **kw))
         return loss
+
+    def warm_up(self, device, dtype):
+        lk, sm = self.cfg.loss, self.cfg.sampler
+        B, M, D = self.cfg.loader.batch_size, _capacity(self.cfg), self.cfg.model.dim
+        kw = dict(temperature=lk.temperature, hard_min_shift=sm.hard_min_shift,
+                  sync_tol=lk.sync_tol, impl=lk.impl)
+        n = self.ranks_in_loss   # the columns as the gather leaves them (each rank's padded)
+        v, a = _made_up(B, D, device, dtype), _made_up(M * n, D, device, dtype)
+        loss = inbatch_infonce_loss(v, a, *_made_up_ids(B, M * n, device), **kw)
+        if lk.symmetric:   # rows the windows, columns every rank's clips
+            a, v = _made_up(M, D, device, dtype), _made_up(B * n, D, device, dtype)
+            cv, ct, av, at = _made_up_ids(B * n, M, device)
+            loss = loss + inbatch_infonce_loss(a, v, av, at, cv, ct, **kw)
+        loss.backward()
 
     def blind_loss(self, b, x):
         cells = pair_cells(b["clip_video"], b["clip_t0"], b["audio_video"], b["audio_t0"],

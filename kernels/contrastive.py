@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from ..pairs import Cell
+from .tuning import autotune
 
 try:  # triton is a dependency, but the reference must work where it cannot be imported
     import triton
@@ -367,7 +368,7 @@ if triton is not None:
         easy = valid & (xv[:, None] != yv[None, :])
         return pos, easy, hard
 
-    @triton.autotune(configs=_configs(True), key=["Bn", "Mn", "D"])
+    @autotune(configs=_configs(True), key=["Bn", "Mn", "D"])
     @triton.jit
     def _inbatch_fwd_kernel(X, Y, XN, YN, XV, XT, YV, YT, LIM, OUT, Bn, Mn, D, m_per_split,
                             sxb, sxd, syb, syd, margin,
@@ -408,7 +409,7 @@ if triton is not None:
         tl.store(o + 4, n_easy, mask=mb)
         tl.store(o + 5, n_hard, mask=mb)
 
-    @triton.autotune(configs=_configs(False), key=["Bn", "Mn", "D"],
+    @autotune(configs=_configs(False), key=["Bn", "Mn", "D"],
                      prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _inbatch_bwd_kernel(X, Y, XN, YN, XV, XT, YV, YT, LIM, COEF, DX, Bn, Mn, D, m_per_split,

@@ -129,10 +129,11 @@ BWD_TILES = ((32, 64, 16, 128, 8, 2), (32, 32, 32, 128, 8, 2), (32, 64, 16, 256,
 
 if triton is not None:
     from .contrastive import _configs, _dist_tile, _kinds_tile, _prune
+    from .tuning import autotune
 
     NEG = tl.constexpr(-1.0e30)   # "minus infinity" that keeps exp(x - max) finite
 
-    @triton.autotune(configs=_configs(True, FWD_TILES), key=["Bn", "Mn", "D"])
+    @autotune(configs=_configs(True, FWD_TILES), key=["Bn", "Mn", "D"])
     @triton.jit
     def _infonce_fwd_kernel(X, Y, XN, YN, XV, XT, YV, YT, LIM, OUT, Bn, Mn, D, m_per_split,
                             sxb, sxd, syb, syd, inv_t,
@@ -176,7 +177,7 @@ if triton is not None:
         tl.store(o + 1, logp, mask=mb)
         tl.store(o + 2, npos, mask=mb)
 
-    @triton.autotune(configs=_configs(False, BWD_TILES), key=["Bn", "Mn", "D"],
+    @autotune(configs=_configs(False, BWD_TILES), key=["Bn", "Mn", "D"],
                      prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _infonce_bwd_kernel(X, Y, XN, YN, XV, XT, YV, YT, LIM, STATS, DX, Bn, Mn, D,

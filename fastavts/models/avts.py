@@ -122,6 +122,15 @@ class AVTS(nn.Module):
         a = self.audio_proj(f)
         return (F.normalize(a.float(), dim=1) if self.normalize else a), f
 
+    def embedding_dtype(self) -> torch.dtype:
+        """The dtype of the embeddings forward gives here (inside autocast or not)."""
+        if self.normalize:
+            return torch.float32
+        p = next(self.video_proj.parameters())
+        if torch.is_autocast_enabled(p.device.type):
+            return torch.get_autocast_dtype(p.device.type)
+        return p.dtype
+
     def forward(self, clip, logmel):
         """(v (B, dim), a (M, dim), clip features (B, Cv), audio features (M, Ca))."""
         v, fv = self.embed_video(clip)

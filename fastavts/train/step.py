@@ -87,6 +87,17 @@ class TrainStep:
         self.stats = torch.zeros(4, device=device)   # the objective's pair_stats, last step
         self.group = objective.group if objective is not None else None
 
+    def warm_up(self) -> None:
+        """The objective's fused kernels compiled and autotuned before the first step, timed by
+        rank 0 alone and its choices taken by every rank (kernels/tuning.py)."""
+        if self.objective is None or not self.objective.launches_kernels:
+            return
+        from ..kernels.tuning import agree
+
+        with self.autocast():
+            dtype = self.model.embedding_dtype()
+        agree(lambda: self.objective.warm_up(self.device, dtype), self.world)
+
     def to_device(self, batch: dict) -> dict:
         """Every tensor of the batch on the device (asynchronous from pinned memory)."""
         out = dict(batch)
@@ -166,5 +177,7 @@ def build_step(model, cfg, device, world: int, total_steps: int, *, objective=No
     opt = make_optimizer(model.parameters(), tc)
     sched = make_schedule(opt, total_steps, tc.warmup)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
-    return TrainStep(model, net, opt, scaler, sched, cfg, device, world, objective=objective,
+    step = TrainStep(model, net, opt, scaler, sched, cfg, device, world, objective=objective,
                      loss_fn=loss_fn)
+    step.warm_up()
+    return step
