@@ -31,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, write_failure
 
 FORMAT = "fastavts-avts"
 FORMAT_VERSION = 1
@@ -62,14 +62,26 @@ def _readable(path) -> None:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """`data` into `path` through a temporary file in the same folder, fsynced and renamed."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    _readable(tmp)
-    os.replace(tmp, path)
+    """`data` into `path` through a temporary file in the same folder, fsynced and renamed; on
+    a failed write the temporary file is removed and a DiskError names the file and cause."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise write_failure(path, e) from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _readable(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_failure(path, e) from None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, text.encode())
 
 
 def _first_line(e: BaseException, width: int) -> str:
@@ -88,21 +100,50 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep_last: int) -> Path:
-    """ckpt_<step>.pt written to a temporary file and renamed (atomic), last.pt the same
-    way, older ones beyond keep_last removed."""
+    """ckpt_<step>.pt written to a temporary file and renamed (atomic), last.pt a second name
+    of it (a hard link, renamed into place; a copy where links are refused). Checkpoints after
+    `step` (an abandoned future of the run) and the oldest beyond keep_last are removed. A
+    failed write leaves no temporary file and raises a DiskError naming the file and cause;
+    the checkpoints already there stay whole."""
     import torch
 
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"ckpt_{step:08d}.pt"
-    for target in (path, ckpt_dir / "last.pt"):
-        tmp = target.with_name(f".{target.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
         torch.save(state, tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    for old in sorted(ckpt_dir.glob("ckpt_*.pt"))[:-keep_last]:
-        old.unlink()
+        os.replace(tmp, path)
+        _second_name(path, ckpt_dir / "last.pt")
+    except (OSError, RuntimeError) as e:   # torch.save says RuntimeError for a failed write
+        tmp.unlink(missing_ok=True)
+        raise write_failure(path, e) from None
+    ckpts = sorted(ckpt_dir.glob("ckpt_*.pt"))
+    later = [p for p in ckpts if p.name > path.name]
+    kept = [p for p in ckpts if p.name <= path.name]
+    for old in later + kept[:-keep_last]:
+        old.unlink(missing_ok=True)
     return path
+
+
+def _second_name(path: Path, name: Path) -> None:
+    """`name` made another name of `path`, atomically."""
+    import shutil
+
+    tmp = name.with_name(f".{name.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, name)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def checkpoint_candidates(ckpt_dir: Path) -> list[Path]:

@@ -192,7 +192,11 @@ def add_train(sub) -> None:
                    help="the same, as an option (fastavts train -c configs/avts_paper_cpu.yaml)")
     p.add_argument("--out", help="run directory (default runs/<date-time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its "
-                   "last checkpoint")
+                   "last checkpoint (CONFIG and overrides, if given, change its settings; "
+                   "a finished run is left as it is)")
+    p.add_argument("--auto-resume", action="store_true", help="continue the run in --out "
+                   "if it has a checkpoint, start it otherwise (for job scripts that are "
+                   "requeued: docs/cluster.md)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=cmd_train)
@@ -203,8 +207,6 @@ def cmd_train(args) -> int:
 
     import torch
 
-    from .train import train
-
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides, args.config = [args.config, *args.overrides], None  # no CONFIG given
     if args.config_file:
@@ -213,31 +215,77 @@ def cmd_train(args) -> int:
                               f"{args.config_file}); give one")
         args.config = args.config_file
     _split_overrides(args)
+    if (args.resume or args.auto_resume) and not args.out:   # train.out=... given instead
+        args.out = build_config(args.config, args.overrides).train.out or None
+    if args.auto_resume:
+        from .checkpoint import checkpoint_candidates
+        args.resume = bool(args.out) and bool(checkpoint_candidates(Path(args.out) /
+                                                                    "checkpoints"))
+    if args.resume:
+        return _resume(args)
     cfg = build_config(args.config, args.overrides)
-    demo = not cfg.train.data and not args.resume
+    demo = not cfg.train.data
     if demo:  # the synthetic demo: a preset for this machine under the user's own settings
         from .demo import prepare_demo_data, preset
         cfg = build_config(args.config, args.overrides, base=preset(torch.cuda.is_available()))
     out = Path(args.out or cfg.train.out or f"runs/{'demo-' if demo else ''}{time.strftime('%Y%m%d-%H%M%S')}")
-    if args.resume:
-        from .checkpoint import checkpoint_candidates
-        if not checkpoint_candidates(out / "checkpoints"):
-            raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'}; give the run "
-                              f"directory with --out")
-        from .config import load_yaml
-        saved = load_yaml(out / "config.yaml")
-        cfg = build_config(None, args.overrides, extra=saved)
-    elif demo:
+    if demo:
         cfg = prepare_demo_data(cfg, progress=not args.quiet,
                                 local_rank=int(os.environ.get("LOCAL_RANK", 0)))
     if not cfg.train.data:
         raise ConfigError("train.data is empty: give a prepared dataset (train.data=DIR)")
+    return _run_train(cfg, out, False, args)
+
+
+def _resume(args) -> int:
+    """--resume: the run's saved settings, with CONFIG and the overrides on top (each change
+    said); its folder checked by the trainer (lifecycle.claim)."""
+    from .config import changed_settings, load_yaml
+
+    if not args.out:
+        raise ConfigError("--resume needs the run's folder: --out RUN")
+    out = Path(args.out)
+    if not (out / "config.yaml").is_file():
+        raise ConfigError(f"--resume: {out} is not a run folder (no config.yaml); give the "
+                          f"run's folder with --out")
+    saved = load_yaml(out / "config.yaml")
+    before = build_config(None, [], extra=saved)
+    extra = saved
+    if args.config:   # applied as overrides are: on top of the run's settings
+        from omegaconf import OmegaConf
+        extra = OmegaConf.to_container(OmegaConf.merge(saved, load_yaml(args.config)))
+    cfg = build_config(None, args.overrides, extra=extra)
+    if int(os.environ.get("RANK", 0)) == 0:
+        for key, was, now in changed_settings(before, cfg):
+            print(f"fastavts train: --resume changes {key}: {was!r} -> {now!r}",
+                  file=sys.stderr)
+    return _run_train(cfg, out, True, args)
+
+
+def _run_train(cfg, out: Path, resume: bool, args) -> int:
+    """Train into `out`; the metrics as one JSON line, or the line of a run stopped by a signal
+    (its exit code: lifecycle.EXIT_SIGTERM / EXIT_SIGINT)."""
+    import time
+
+    from .train import train
+    from .train.lifecycle import EXIT_CODES, stopped_line
+
     t0 = time.perf_counter()
-    result = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    result = train(cfg, out, resume=resume, progress=not args.quiet)
     result.pop("losses", None)
-    result["command_wall_s"] = round(time.perf_counter() - t0, 1)
-    if int(os.environ.get("RANK", 0)) != 0:   # under torchrun: rank 0 reports
+    main = int(os.environ.get("RANK", 0)) == 0   # under torchrun: rank 0 reports
+    if "stopped_by" in result:
+        if main:
+            print(stopped_line(result["stopped_by"], result["stopped_at"],
+                               result.get("checkpoint"), out), file=sys.stderr, flush=True)
+        return EXIT_CODES.get(result["stopped_by"], 1)
+    if not main:
         return 0
+    if result.pop("finished_before", False):
+        print(f"fastavts train: the run in {out} had finished (step {result.get('steps')}); "
+              f"nothing was rerun, its results stay in {out / 'metrics.json'}", file=sys.stderr)
+    else:
+        result["command_wall_s"] = round(time.perf_counter() - t0, 1)
     print(f"fastavts train: run directory {out}", file=sys.stderr)
     print(json.dumps(result))
     return 0

@@ -268,6 +268,10 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the model")
     ckpt_every: int = _f(200, "write a checkpoint every n steps (and at the end)", min=1)
     keep_last: int = _f(3, "checkpoints kept (last.pt always points at the newest)", min=1)
+    checkpoint_signal: str = _f("USR1", "the signal that makes a run write a checkpoint at the "
+                                "next step and go on (SLURM: --signal=USR1@120); SIGTERM and "
+                                "SIGINT checkpoint and stop. none = leave it alone",
+                                choices=("USR1", "USR2", "HUP", "none"))
     log_every: int = _f(10, "steps between reads of the loss on the host (progress bar, "
                         "TensorBoard scalars, the non-finite check); the steps in between never "
                         "wait for the GPU", min=1)
@@ -433,6 +437,14 @@ def build_config(yaml_path: str | os.PathLike | None = None,
     cfg: Config = OmegaConf.to_object(merged)
     validate(cfg)
     return cfg
+
+
+def changed_settings(before: Config, after: Config) -> list[tuple[str, object, object]]:
+    """(section.key, was, now) of every setting that differs between two configs."""
+    a = OmegaConf.to_container(OmegaConf.structured(before))
+    b = OmegaConf.to_container(OmegaConf.structured(after))
+    return [(f"{sec}.{k}", a[sec][k], b[sec][k]) for sec in b for k in b[sec]
+            if a.get(sec, {}).get(k) != b[sec][k]]
 
 
 def _explain_omegaconf(e: OmegaConfBaseException, where: str) -> str:

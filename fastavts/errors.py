@@ -6,3 +6,28 @@ raise it without importing the config machinery."""
 
 class ConfigError(ValueError):
     """A config value or combination of values that fastavts refuses (message says which)."""
+
+
+class DiskError(ConfigError):
+    """A file that could not be written (no space left, no permission, a read-only disk): the
+    message names the file and the cause; what was there before is left whole."""
+
+
+def write_failure(path, e: BaseException) -> DiskError:
+    """The DiskError of a failed write of `path`, its cause read from `e` and the disk."""
+    import errno
+    import os
+    import shutil
+
+    if isinstance(e, OSError) and e.errno is not None:
+        cause = os.strerror(e.errno)
+    else:
+        cause = (str(e).splitlines() or [type(e).__name__])[0][:160]
+    try:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path)) or ".").free
+        room = f"; {free / 2**20:.1f} MiB free there"
+        if free < 2**20 and not (isinstance(e, OSError) and e.errno == errno.ENOSPC):
+            cause = f"{cause} (the disk is full)"
+    except OSError:
+        room = ""
+    return DiskError(f"cannot write {path}: {cause}{room}")

@@ -93,7 +93,8 @@ def test_resume_falls_back_to_the_newest_readable_checkpoint(prepared, tmp_path,
     assert f"ckpt_{n - 3:08d}.pt" in out.out and "newest readable" in out.out
     assert "last.pt cannot be read" in out.err and newest.name in out.err
     assert rest["losses"] == full[n - 3:], used           # resumed exactly from that step
-    # nothing readable: exit 2 naming the files, through the CLI
+    # nothing readable (a run that has not finished): exit 2 naming the files, via the CLI
+    (run / "metrics.json").unlink()
     for p in ck.glob("*.pt"):
         p.write_bytes(b"PK\x03\x04 not a whole zip")
     code, err = _cli_err(capsys, "train", "--out", run, "--resume")

@@ -414,7 +414,7 @@ def test_a_second_writer_is_refused_and_hidden_files_are_not_inputs(tmp_path, sy
     out.mkdir()
     with open(out / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(ConfigError, match="another fastavts prepare"):
+        with pytest.raises(ConfigError, match="is in use: another prepare or merge"):
             prepare(src, out, small_cfg("prepare.codec=vp9"), progress=False)
     s = prepare(src, out, small_cfg("prepare.codec=vp9"), progress=False)
     assert s["prepared"] == 1 and s["inputs"] == 1

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, load_yaml
+from ..lock import FolderLock
 from .audio_bank import BANK, HEADER, AudioBank, AudioBankWriter
 from .manifest import MANIFEST, REJECTED, JsonlWriter, read_jsonl
 from .prepare import SHARD, SUMMARY
@@ -124,8 +125,6 @@ def _place(src: Path, dst: Path, copy: bool) -> None:
 def merge(share_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, copy: bool = False,
           progress: bool = True) -> dict:
     """Join the shares into `out` (see the module docstring); returns the summary."""
-    from tqdm import tqdm
-
     t0 = time.time()
     out = Path(out)
     shares = [Share(Path(d)) for d in share_dirs]
@@ -134,6 +133,15 @@ def merge(share_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, copy:
     check_shares(shares)
     if any(out.resolve() == s.root.resolve() for s in shares):
         raise ConfigError(f"--out '{out}' is one of the shares; merge into a new folder")
+    with FolderLock(out, "prepare or merge", "Wait for it to finish, or merge into another "
+                    "--out."):
+        return _merge_into(out, shares, copy, progress, t0)
+
+
+def _merge_into(out: Path, shares: list[Share], copy: bool, progress: bool, t0: float) -> dict:
+    """merge with the lock of `out` held."""
+    from tqdm import tqdm
+
     key = dict(inputs_sha=shares[0].info["inputs_sha"], of=shares[0].info["of"],
                share_dirs=sorted(str(s.root.resolve()) for s in shares))
     if (out / MERGED).is_file():

@@ -27,11 +27,18 @@ from pathlib import Path
 import torch
 
 from .. import runtime
-from ..checkpoint import command_line, newest_readable_checkpoint, rng_state, save_checkpoint
+from ..checkpoint import (
+    atomic_write_text,
+    command_line,
+    newest_readable_checkpoint,
+    rng_state,
+    save_checkpoint,
+)
 from ..checkpoint import set_rng_state as restore_rng
 from ..config import Config, save_config, to_yaml
 from ..data.loader import make_loader
 from ..models.avts import AVTS
+from . import lifecycle
 from .step import TrainStep, build_step
 from .telemetry import Telemetry
 
@@ -49,6 +56,8 @@ class Run:
     model: AVTS
     step_fn: TrainStep
     total: int
+    data: dict | None = None     # the datasets' fingerprints (lifecycle.data_record)
+    last_path: Path | None = None   # the newest checkpoint this process wrote
     step: int = 0
     epoch0: int = 0
 
@@ -60,20 +69,22 @@ class Run:
     def ckpt_dir(self) -> Path:
         return self.out / "checkpoints"
 
-    def checkpoint(self) -> None:
-        """The whole state at this step (the main process writes it; atomic)."""
+    def checkpoint(self) -> Path | None:
+        """The whole state at this step (the main process writes it, atomically; its path)."""
         if not self.is_main:
-            return
+            return None
         s = self.step_fn
-        save_checkpoint(self.ckpt_dir, self.step, dict(
+        return save_checkpoint(self.ckpt_dir, self.step, dict(
             model=self.model.state_dict(), optimizer=s.opt.state_dict(),
             schedule=s.sched.state_dict(), scaler=s.scaler.state_dict(),
             loader=self.loader.state_dict(), rng=rng_state(), step=self.step,
-            config=to_yaml(self.cfg), command=command_line()), self.cfg.train.keep_last)
+            config=to_yaml(self.cfg), command=command_line(), data=self.data),
+            self.cfg.train.keep_last)
 
     def restore(self) -> None:
         """Continue from the newest readable checkpoint in <out>/checkpoints."""
         state, used, unreadable = newest_readable_checkpoint(self.ckpt_dir)
+        lifecycle.check_data(state.get("data"), self.cfg, self.is_main)
         s = self.step_fn
         self.model.load_state_dict(state["model"])
         s.opt.load_state_dict(state["optimizer"])
@@ -98,6 +109,8 @@ def start(cfg: Config, out: Path) -> Run:
     rank, world, device = runtime.setup_distributed()
     cfg = runtime.resolve(cfg, runtime.Machine.here(device), world)
     tc = cfg.train
+    # recorded by absolute path: a resume from another directory reads the same sets
+    tc.data, tc.eval_data = (str(Path(p).resolve()) if p else p for p in (tc.data, tc.eval_data))
     runtime.seed_everything(tc.seed)
     for key, root in (("train.data", tc.data), ("train.eval_data", tc.eval_data)):
         if root:
@@ -112,11 +125,14 @@ def start(cfg: Config, out: Path) -> Run:
     model = AVTS.from_config(cfg).to(device)
     total = tc.epochs * len(loader)
     step_fn = build_step(model, cfg, device, world, total, video_net=model.video_net)
-    return Run(cfg, out, rank, world, device, loader, model, step_fn, total)
+    return Run(cfg, out, rank, world, device, loader, model, step_fn, total,
+               data=lifecycle.data_record(cfg))
 
 
-def fit(run: Run, tel: Telemetry, stop_after_steps: int = 0) -> bool:
-    """The epochs of steps from where the run stands; True when stopped at stop_after_steps."""
+def fit(run: Run, tel: Telemetry, stop_after_steps: int = 0,
+        signals: lifecycle.Signals | None = None) -> int:
+    """The epochs of steps from where the run stands. Returns 0 when they are done, -1 when
+    stopped at stop_after_steps, or the signal that stopped the run (a checkpoint written)."""
     tc, loader, step_fn = run.cfg.train, run.loader, run.step_fn
     last = None
     run.model.train()
@@ -135,15 +151,24 @@ def fit(run: Run, tel: Telemetry, stop_after_steps: int = 0) -> bool:
             run.step += 1
             tel.stepped(loss, len(batch["clip_video"]) * run.world, t_data)
             stop = run.step == stop_after_steps
-            if run.step % tc.log_every == 0 or stop:
+            signum, save = signals.poll() if signals is not None else (0, False)
+            if run.step % tc.log_every == 0 or stop or signum:
                 read_back(run, tel, last)
-            if run.step % tc.ckpt_every == 0 or stop:
-                run.checkpoint()
+            if run.step % tc.ckpt_every == 0 or stop or signum or save:
+                path = run.checkpoint()
+                if run.world > 1:   # written before any rank moves on (or leaves)
+                    torch.distributed.barrier()
+                if save and not signum and run.is_main:
+                    print(f"fastavts train: checkpoint {path} at step {run.step} (asked by "
+                          f"SIG{tc.checkpoint_signal})", file=sys.stderr, flush=True)
+                run.last_path = path
+            if signum:
+                return signum
             if stop:
-                return True
+                return -1
     if tel.pending:
         read_back(run, tel, last)
-    return False
+    return 0
 
 
 def read_back(run: Run, tel: Telemetry, batch: dict) -> None:
@@ -185,11 +210,22 @@ def evaluate(run: Run, tel: Telemetry, result: dict) -> None:
 
 def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
           stop_after_steps: int = 0) -> dict:
-    """Train, evaluate, write metrics.json; returns the metrics. `stop_after_steps` ends the
-    run early after writing a checkpoint (tests use it to interrupt and resume)."""
-    run = start(cfg, Path(out))
-    tel = None
+    """Train, evaluate, write metrics.json; returns the metrics. The run folder is claimed
+    first (lifecycle.claim: one writer; a finished run's metrics are returned as they are,
+    with finished_before). A run stopped by a signal returns stopped_at and stopped_by after
+    its checkpoint. `stop_after_steps` ends the run early after writing a checkpoint (tests
+    use it to interrupt and resume)."""
+    out = Path(out)
+    rank, world, _ = runtime.setup_distributed()
+    held = lifecycle.claim(out, resume, rank, world)
+    if held.finished is not None:
+        held.release()
+        if world > 1:
+            torch.distributed.destroy_process_group()
+        return dict(held.finished, finished_before=True, losses=[])
+    run = tel = signals = None
     try:
+        run = start(cfg, out)
         if resume:
             run.restore()
         tel = Telemetry(run.cfg, run.out, is_main=run.is_main, cuda=run.device.type == "cuda",
@@ -197,27 +233,42 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
         if run.cfg.train.profile or run.cfg.train.nvtx:
             run.loader.range = tel.range   # "decode" and "audio_features" inside "data"
             run.step_fn.range = tel.range
-        if fit(run, tel, stop_after_steps):
-            return dict(stopped_at=run.step, losses=tel.history)
-        wall = tel.end_training(run.device.type == "cuda")
-        run.checkpoint()
-        if run.world > 1:   # the last collective: no rank leaves while another still talks
-            torch.distributed.barrier()
-        run.loader.close()   # its pipelines and workers, before the evaluation's own
-        result = summary(run, tel, wall)
-        if tel.gpu:
-            tel.metrics.scalars(run.step, {f"gpu_summary/{k}": x for k, x in tel.gpu.items()})
-        if run.is_main and run.cfg.train.eval_data:
-            evaluate(run, tel, result)
-        tel.close()
-        result["losses"] = tel.history
-        if run.is_main:
-            (run.out / "metrics.json").write_text(json.dumps(
-                {k: v for k, v in result.items() if k != "losses"}, indent=1))
-        if run.world > 1:
-            torch.distributed.destroy_process_group()
-        return result
+        signals = lifecycle.Signals(run.cfg.train.checkpoint_signal, run.world, run.device)
+        ended = fit(run, tel, stop_after_steps, signals)
+        signals.restore()
+        if ended:
+            out_ = dict(stopped_at=run.step, losses=tel.history, checkpoint=run.last_path)
+            if ended > 0:
+                out_["stopped_by"] = int(ended)
+            return out_
+        return finish(run, tel)
     finally:
-        run.loader.close()
+        if signals is not None:
+            signals.restore()
+        if run is not None:
+            run.loader.close()
         if tel is not None:
             tel.close()
+        held.release()
+
+
+def finish(run: Run, tel: Telemetry) -> dict:
+    """A run's end: the last checkpoint, the held-out evaluation, metrics.json."""
+    wall = tel.end_training(run.device.type == "cuda")
+    run.checkpoint()
+    if run.world > 1:   # the last collective: no rank leaves while another still talks
+        torch.distributed.barrier()
+    run.loader.close()   # its pipelines and workers, before the evaluation's own
+    result = summary(run, tel, wall)
+    if tel.gpu:
+        tel.metrics.scalars(run.step, {f"gpu_summary/{k}": x for k, x in tel.gpu.items()})
+    if run.is_main and run.cfg.train.eval_data:
+        evaluate(run, tel, result)
+    tel.close()
+    result["losses"] = tel.history
+    if run.is_main:
+        atomic_write_text(run.out / "metrics.json", json.dumps(
+            {k: v for k, v in result.items() if k != "losses"}, indent=1))
+    if run.world > 1:
+        torch.distributed.destroy_process_group()
+    return result

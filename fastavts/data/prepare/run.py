@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ...config import Config, ConfigError, load_yaml, save_config
+from ...lock import FolderLock
 from ...runtime import resolve_codec
 from ..audio_bank import AudioBankWriter
 from ..manifest import MANIFEST, REJECTED, JsonlWriter, read_jsonl
@@ -56,7 +57,7 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, progres
         return _prepare_locked(src, out, cfg, inputs, ignored, progress, retry_rejected,
                                command, shard_info)
     finally:
-        lock.close()
+        lock.release()
 
 
 def _check_frozen(out: Path, cfg: Config) -> None:
@@ -92,19 +93,10 @@ def _check_shard(out: Path, info: dict | None) -> None:
 
 
 def _lock(out: Path):
-    """One writer per dataset folder: a second prepare into the same OUT is refused."""
-    import fcntl
-
-    fh = open(out / ".lock", "w")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fh.close()
-        raise ConfigError(f"another fastavts prepare is writing '{out}' right now; wait for it "
-                          f"to finish (a rerun afterwards resumes) or use another OUT") from None
-    return fh
-
-
+    """One writer per dataset folder: a second prepare (or merge) into the same OUT is refused,
+    naming the holder (fastavts/lock.py)."""
+    return FolderLock(out, "prepare or merge", "Wait for it to finish (a rerun afterwards "
+                      "resumes) or use another OUT.").acquire()
 
 
 class _Commit:
