@@ -89,6 +89,30 @@ def setup_distributed():
     return rank, world, device
 
 
+_WATCHED: set[int] = set()
+
+
+def die_with_parent(parent: int | None = None, poll_s: float = 0.25) -> None:
+    """In a worker process: exit as soon as the process that started it is gone, however it
+    went (kill -9 included: no handler of the parent runs then). A daemon thread compares the
+    parent pid every `poll_s` seconds (an orphan is handed to another parent). `parent`: the
+    starting process's pid as it passed it (a pool's initargs=(os.getpid(),)): a worker still
+    importing its modules when the parent died would otherwise take its new parent for it."""
+    import threading
+    import time
+
+    parent = os.getppid() if parent is None else parent
+    if parent in _WATCHED:
+        return
+    _WATCHED.add(parent)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+    threading.Thread(target=watch, name="fastavts-parent-watch", daemon=True).start()
+
+
 def seed_everything(seed: int) -> None:
     """torch (every device), numpy's and Python's global RNGs, in that order."""
     import numpy as np

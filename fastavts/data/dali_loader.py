@@ -44,6 +44,7 @@ from ..runtime import (  # noqa: F401 (the DALI defaults, resolved in fastavts/r
     Machine,
     default_threads,
     default_video_pipelines,
+    die_with_parent,
     resolve_loader,
 )
 from .base_loader import BaseLoader, plan_meta, substitute
@@ -70,6 +71,12 @@ class _Source:
         self.root, self.sampler, self.exclude, self.batch_size = root, sampler, exclude, batch_size
         self.first, self.end, self.offset, self.stride = first, end, offset, stride
         self._key = self._plan = None
+        self._parent = os.getpid()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if os.getpid() != self._parent:   # a copy in a DALI worker: it ends with its parent
+            die_with_parent(self._parent)
 
     def plan_for(self, iteration: int) -> dict:
         g = self.first + self.offset + iteration * self.stride

@@ -437,7 +437,10 @@ def synthesize(out: str | os.PathLike, cfg: Config, progress: bool = True) -> di
             bar.update()
     else:
         import multiprocessing as mp
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+
+        from ..runtime import die_with_parent
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                                 initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             for _, status in pool.map(_make_one, jobs, chunksize=1):
                 made += status == "made"
                 skipped += status == "skipped"

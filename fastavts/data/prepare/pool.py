@@ -4,6 +4,7 @@ flight, so the parent can retry each alone and name the culprit."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -19,7 +20,8 @@ def run_pool(jobs: list[dict], workers: int, on_result: Callable,
     worker's own timeout check cannot run), the pool is torn down and this returns
     (jobs in flight, jobs not started); a hung job is marked job['hung'] = True."""
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
-                               initializer=worker_init)
+                               initializer=worker_init,
+                               initargs=(os.getpid(),))
     it = iter(jobs)
     inflight: dict = {}
     running_since: dict = {}
@@ -86,7 +88,8 @@ def check_workers_start() -> None:
     """Before blaming an input for a dead worker, make sure workers can run at all."""
     try:
         with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"),
-                                 initializer=worker_init) as pool:
+                                 initializer=worker_init,
+                                 initargs=(os.getpid(),)) as pool:
             pool.submit(_noop).result(timeout=120)
     except Exception as e:
         raise RuntimeError(f"prepare's worker processes do not start ({type(e).__name__}: {e}); "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...runtime import die_with_parent
 from .audio_track import AudioTrack
 from .encoder import CfrWriter
 
@@ -305,8 +306,11 @@ def _is_vfr(intervals: list[float]) -> bool:
     return bool(np.percentile(np.abs(a - med), 90) > max(0.002, 0.05 * med))
 
 
-def worker_init():
+def worker_init(parent: int | None = None):
+    """A pool worker's start: Ctrl-C left to the parent, one OpenMP thread, and an exit as
+    soon as the parent (pid `parent`) is gone, kill -9 included."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    die_with_parent(parent)
 
 
