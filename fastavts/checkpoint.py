@@ -28,10 +28,10 @@ import json
 import os
 import random
 import sys
-import tempfile
 from pathlib import Path
 
 from .errors import ConfigError, write_failure
+from .files import _readable, atomic_write, atomic_write_text  # noqa: F401
 
 FORMAT = "fastavts-avts"
 FORMAT_VERSION = 1
@@ -52,36 +52,6 @@ class ExportError(ValueError):
 
 # --------------------------------------------------------------------------------------------
 # files
-
-
-def _readable(path) -> None:
-    """The umask's permissions (mkstemp makes 0600 files: a shared folder must be readable)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """`data` into `path` through a temporary file in the same folder, fsynced and renamed; on
-    a failed write the temporary file is removed and a DiskError names the file and cause."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise write_failure(path, e) from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _readable(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise write_failure(path, e) from None
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, text.encode())
 
 
 def _first_line(e: BaseException, width: int) -> str:
@@ -117,8 +87,9 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep_last: int) -> P
         os.replace(tmp, path)
         _second_name(path, ckpt_dir / "last.pt")
     except (OSError, RuntimeError) as e:   # torch.save says RuntimeError for a failed write
+        err = write_failure(path, e)       # read the disk before the temporary file goes
         tmp.unlink(missing_ok=True)
-        raise write_failure(path, e) from None
+        raise err from None
     ckpts = sorted(ckpt_dir.glob("ckpt_*.pt"))
     later = [p for p in ckpts if p.name > path.name]
     kept = [p for p in ckpts if p.name <= path.name]
@@ -266,7 +237,10 @@ def write_export(out: Path, tensors: dict, cfg, state: dict, metrics: dict) -> P
                             for p in out.iterdir()):
         raise ExportError(f"{out} holds other files; give a new or empty folder (or one made "
                           f"by fastavts export, which is overwritten)")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_failure(out, e) from None
     conf = dict(
         format=FORMAT, format_version=FORMAT_VERSION, library_name="fastavts",
         fastavts_version=_version(), step=int(state.get("step", 0)),
@@ -280,9 +254,14 @@ def write_export(out: Path, tensors: dict, cfg, state: dict, metrics: dict) -> P
         training_config=yaml.safe_load(state["config"]), command=state.get("command", ""),
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
     tmp = out / f".{WEIGHTS}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})  # one key: a deterministic header
-    _readable(tmp)
-    os.replace(tmp, out / WEIGHTS)
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})  # one key: a fixed header
+        _readable(tmp)
+        os.replace(tmp, out / WEIGHTS)
+    except (OSError, RuntimeError) as e:
+        err = write_failure(out / WEIGHTS, e)
+        tmp.unlink(missing_ok=True)
+        raise err from None
     atomic_write(out / CONFIG, (json.dumps(conf, indent=2, default=str) + "\n").encode())
     atomic_write(out / CARD, model_card(conf, cfg).encode())
     return out

@@ -18,7 +18,6 @@ import dataclasses
 import difflib
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError
+from .errors import ConfigError, write_failure
+from .files import atomic_write_text
 
 
 def _f(default, help: str, choices: Sequence | None = None, min: float | None = None,
@@ -655,12 +655,11 @@ def to_yaml(cfg: Config) -> str:
 def save_config(cfg: Config, path: str | os.PathLike, header: str = "") -> None:
     """Write the resolved config atomically (tmp file + rename) next to the outputs it made."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = (header + "\n" if header else "") + to_yaml(cfg)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_failure(path.parent, e) from None
+    atomic_write_text(path, (header + "\n" if header else "") + to_yaml(cfg))
 
 
 def describe(section_cls) -> list[tuple[str, Any, str]]:

@@ -26,8 +26,8 @@ def write_failure(path, e: BaseException) -> DiskError:
     try:
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path)) or ".").free
         room = f"; {free / 2**20:.1f} MiB free there"
-        if free < 2**20 and not (isinstance(e, OSError) and e.errno == errno.ENOSPC):
-            cause = f"{cause} (the disk is full)"
+        if free < 2**20 and not isinstance(e, OSError):   # torch.save's words for it
+            cause = os.strerror(errno.ENOSPC)
     except OSError:
         room = ""
     return DiskError(f"cannot write {path}: {cause}{room}")

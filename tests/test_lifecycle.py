@@ -303,3 +303,78 @@ def _agree_worker(rank, world, store, out):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# full disks
+
+def _no_tmp_left(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_checkpoint_on_a_full_disk_is_one_line_and_the_last_good_one_stays(
+        prepared, tmp_path, monkeypatch, capsys):
+    """ENOSPC injected into the third checkpoint's write, after half of it."""
+    import errno
+
+    real, calls = torch.save, [0]
+
+    def save(obj, f, *a, **k):
+        calls[0] += 1
+        if calls[0] == 3:
+            Path(f).write_bytes(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    code = main(["train", "-q", "--out", str(out), *cli(f"train.data={prepared}",
+                                                          "train.epochs=2", "train.ckpt_every=1")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith(f"fastavts train: error: cannot write {out / 'checkpoints'}"
+                              f"/ckpt_00000003.pt: No space left on device"), err
+    assert _no_tmp_left(out) == []
+    monkeypatch.undo()
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert state["step"] == 2
+    # the run resumes from there once there is room
+    assert main(["train", "-q", "--out", str(out), "--resume"]) == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 5 MiB tmpfs (one checkpoint of the tiny model fits, not two) (skipped where this process may not mount one)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(where)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_real_full_disk_on_checkpoint_and_on_resume(prepared, tmp_path, small_disk, capsys):
+    out = small_disk / "run"
+    args = cli(f"train.data={prepared}", "train.epochs=3", "train.ckpt_every=1",
+               "train.keep_last=1")
+    code = main(["train", "-q", "--out", str(out), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "No space left on device" in err[-1] and "MiB free" in err[-1], err
+    assert _no_tmp_left(out) == []
+    good = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"]
+    assert good >= 1
+    # the disk filled to the last byte: --resume says so and leaves nothing behind
+    filler = small_disk / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    code = main(["train", "-q", "--out", str(out), "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "No space left on device" in err[-1], err
+    assert _no_tmp_left(out) == []
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"] == good
