@@ -103,15 +103,76 @@ def eval_config(cfg, clips_per_video: int = 32):
 
 def evaluate_sync(model, cfg, root, device, autocast=nullcontext,
                   clips_per_video: int = 32) -> dict:
+    """Sync accuracy and AUC on the held-out set `root`. Videos that do not decode are left
+    out, named on stderr and in `eval_skipped_videos` ({video id: file and error}), and the
+    pairs are made again without them (so no pair stands in for a lost one)."""
+    import sys
+
     from .data.checks import check_dataset
+    from .data.dataset import Dataset
     from .data.loader import make_loader
+    from .errors import ConfigError
     from .objectives import objective
 
     c = eval_config(cfg, clips_per_video)
     check_dataset(c, root, "dataset")
-    loader = make_loader(c, root, mode="eval", rank=0, world_size=1)
-    try:
-        r = collect(model, loader, objective(cfg), device, autocast)
-    finally:
-        loader.close()
-    return sync_metrics(r)
+    every = [v["id"] for v in Dataset.open(root).videos]
+    skipped: dict[str, str] = {}
+    while True:
+        ids = [v for v in every if v not in skipped]
+        if len(ids) < 2:
+            raise ConfigError(f"dataset {root}: {len(skipped)} of its {len(every)} videos do "
+                              f"not decode ({_first(skipped)}); evaluate on a set that does")
+        loader = make_loader(c, root, mode="eval", rank=0, world_size=1,
+                             videos=ids if skipped else None)
+        try:
+            r = collect(model, loader, objective(cfg), device, autocast)
+            found = {f["video"]: f["error"] for f in loader.fault_log}
+        except Exception:   # a batch none of whose clips decode: find the culprits
+            found = undecodable(loader)
+            if not found:
+                raise
+            r = None
+        finally:
+            loader.close()
+        new = {k: _named(root, loader, k, e) for k, e in found.items() if k not in skipped}
+        if not new and r is not None:
+            break
+        if not new:
+            raise RuntimeError(f"evaluation of {root} failed again without new undecodable "
+                               f"videos ({_first(found)})")
+        skipped.update(new)
+    out = sync_metrics(r)
+    if skipped:
+        print(f"fastavts: evaluation of {root}: left out {len(skipped)} video(s) that do not "
+              f"decode: " + "; ".join(f"{k} ({e})" for k, e in skipped.items()),
+              file=sys.stderr)
+        out["eval_skipped_videos"] = skipped
+    return out
+
+
+def undecodable(loader) -> dict[str, str]:
+    """{video id: error} of the videos whose planned eval clips PyAV cannot read."""
+    d, sampler, bad = loader.cfg.data, loader.sampler, {}
+    for b in range(len(sampler)):
+        plan = sampler.plan(0, b)
+        for vi, frame in zip(plan["clip_video"], plan["clip_frame"]):
+            v = sampler.videos[int(vi)]
+            if v["id"] in bad:
+                continue
+            try:
+                loader.dataset.frames(v["id"], int(frame) + d.frame_stride *
+                                      np.arange(d.clip_frames))
+            except Exception as e:
+                bad[v["id"]] = f"{type(e).__name__}: {str(e)[:200]}"
+    return bad
+
+
+def _named(root, loader, vid: str, err: str) -> str:
+    """The error with the video's first file named."""
+    segs = loader.dataset.by_id[vid].get("segments") or [{}]
+    return f"{root}/{segs[0].get('path', '?')}: {err}"
+
+
+def _first(d: dict) -> str:
+    return next(iter(d.items()), ("", ""))[1] if d else "no error recorded"

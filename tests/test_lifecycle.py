@@ -378,3 +378,31 @@ def test_a_real_full_disk_on_checkpoint_and_on_resume(prepared, tmp_path, small_
     assert code == 2 and "No space left on device" in err[-1], err
     assert _no_tmp_left(out) == []
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"] == good
+
+
+# --------------------------------------------------------------------------------------------
+# damaged inputs
+
+@pytest.mark.parametrize("damage,kind", [("truncated", "dali"), ("truncated", "pyav"),
+                                         ("deleted", "memory")])
+def test_eval_sync_leaves_out_and_names_an_undecodable_held_out_video(
+        prepared, tmp_path, tiny_checkpoint, capsys, damage, kind):
+    held = tmp_path / "held"
+    shutil.copytree(prepared, held)
+    rows = [json.loads(x) for x in (held / "manifest.jsonl").read_text().splitlines()]
+    victim = rows[2]
+    seg = held / victim["segments"][0]["path"]
+    if damage == "truncated":
+        seg.write_bytes(seg.read_bytes()[:300])
+    else:
+        seg.unlink()
+    code = main(["eval-sync", str(tiny_checkpoint), str(held), "--clips-per-video", "4",
+                 "--json", f"loader.kind={kind}"])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    out = json.loads(cap.out.strip().splitlines()[-1])
+    assert list(out["eval_skipped_videos"]) == [victim["id"]], out
+    assert victim["segments"][0]["path"] in out["eval_skipped_videos"][victim["id"]]
+    assert f"left out 1 video(s) that do not decode: {victim['id']}" in cap.err
+    # the pairs are those of the set without it: 5 videos x 4 clips
+    assert sum(out["eval_pairs"].values()) == (len(rows) - 1) * 4
