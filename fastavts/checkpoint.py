@@ -146,6 +146,10 @@ def newest_readable_checkpoint(ckpt_dir: Path) -> tuple[dict, Path, list[tuple[P
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """A training checkpoint's contents on the CPU, or an ExportError that names the file."""
     p = Path(path)
+    if p.is_dir() and (p / CONFIG).is_file():
+        raise ExportError(f"{p} is a folder made by fastavts export, not a training "
+                          f"checkpoint: it is exported already (use it as it is), or give the "
+                          f"run's checkpoint (runs/.../checkpoints/last.pt)")
     if p.is_dir():
         raise ExportError(f"{p} is a folder without {CONFIG}: give a checkpoint file "
                           f"(runs/.../checkpoints/last.pt) or a folder made by fastavts export")

@@ -384,6 +384,11 @@ def cmd_offset(args) -> int:
             else:
                 print(f"{r['file']}: offset {r['offset_frames']:+d} frames ({r['offset_s']:+.3f} s), "
                       f"confidence {r['confidence']:.4f} over {r['clips']} clips")
+    failed = sum("error" in r for r in rows)
+    if rows and failed == len(rows):
+        print(f"fastavts offset: error: none of the {failed} video(s) could be measured (see "
+              f"above)", file=sys.stderr)
+        return 2
     return 0
 
 

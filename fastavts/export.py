@@ -45,7 +45,12 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     state = read_checkpoint(ckpt)
     cfg = checkpoint_config(state)
     model = AVTS.from_config(cfg)
-    model.load_state_dict(state["model"])       # the weights match the config they came with
+    try:   # the weights match the config they came with, unless either was edited
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        detail = " ".join(str(e).split("\n\t")[1:2])[:200] or str(e)[:200]
+        raise ExportError(f"the weights in {ckpt} do not match the config saved with them "
+                          f"({detail}); use an unedited checkpoint of the run") from None
     # BatchNorm's num_batches_tracked is an int64 scalar: safetensors keeps it as it is
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if metrics is None:

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, write_failure
 
 NAME = ".lock"
 
@@ -92,8 +92,11 @@ class FolderLock:
     def acquire(self) -> FolderLock:
         import fcntl
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path, "a+")
+        except OSError as e:   # not writable, a file in the way, a full disk
+            raise write_failure(self.path, e) from None
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ConfigError
 from .models.avts import load_model  # (model, cfg) from a checkpoint or an export folder
 
 
@@ -68,6 +69,12 @@ def detect_offsets(checkpoint: str | Path, files: Sequence[str | Path], max_shif
     cfg.prepare.workers = workers
     cfg.prepare.label_from = "none"
     files = [Path(f).resolve() for f in files]
+    for f in files:
+        if f.is_dir():
+            raise ConfigError(f"{f} is a folder; offset takes video files (give the files "
+                              f"inside it, e.g. {f}/*.mp4)")
+        if not f.exists():
+            raise ConfigError(f"{f}: no such file")
     out = []
     with tempfile.TemporaryDirectory(prefix="fastavts_offset_") as tmp:
         lst = Path(tmp) / "list.csv"

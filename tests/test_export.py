@@ -167,3 +167,46 @@ def test_refusals_name_the_file(run_dir, tmp_path, capsys):
     (out / "config.json").write_text(json.dumps(conf))
     assert cli(["eval-sync", str(out), str(tmp_path), "--json"]) == 2
     assert "not a fastavts export" in capsys.readouterr().err
+
+
+def test_more_refusals_are_one_line_naming_the_file(run_dir, prepared, tmp_path, capsys):
+    """Issue 24's cases: an export folder given to export, a tensor of another shape in the
+    weights, an edited training_config, export and train targets under a file, offset on a
+    folder and on inputs that all fail."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    out = tmp_path / "m"
+    assert cli(["export", str(ckpt), str(out)]) == 0
+    capsys.readouterr()
+
+    def refused(*args, says: str):
+        assert cli(list(args)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0] and "Traceback" not in err[0], err
+
+    refused("export", str(out), str(tmp_path / "again"), says="made by fastavts export")
+    w = out / "model.safetensors"
+    t = load_file(w)
+    key = next(k for k in t if k.endswith("weight") and t[k].dim() == 2)
+    t[key] = t[key][:, :-1].contiguous()
+    save_file(t, str(w), metadata={"format": "pt"})
+    refused("eval-sync", str(out), str(prepared), "--json",
+            says="model.safetensors does not match its config.json")
+    assert cli(["export", str(ckpt), str(out)]) == 0          # whole again
+    conf = json.loads((out / "config.json").read_text())
+    conf["training_config"]["model"]["dim"] += 8
+    (out / "config.json").write_text(json.dumps(conf))
+    capsys.readouterr()
+    refused("eval-sync", str(out), str(prepared), "--json", says="does not match its config")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    refused("export", str(ckpt), str(a_file / "m"), says=f"cannot write {a_file / 'm'}")
+    refused("train", "--out", str(a_file / "run"), f"train.data={prepared}",
+            says=f"cannot write {a_file / 'run'}")
+    refused("offset", str(ckpt), str(tmp_path), says="is a folder; offset takes video files")
+    not_video = tmp_path / "x.mp4"
+    not_video.write_bytes(b"not a video at all")
+    assert cli(["offset", str(ckpt), str(not_video)]) == 2
+    assert "none of the 1 video(s) could be measured" in capsys.readouterr().err
+

@@ -406,3 +406,42 @@ def test_eval_sync_leaves_out_and_names_an_undecodable_held_out_video(
     assert f"left out 1 video(s) that do not decode: {victim['id']}" in cap.err
     # the pairs are those of the set without it: 5 videos x 4 clips
     assert sum(out["eval_pairs"].values()) == (len(rows) - 1) * 4
+
+
+def _damaged_copy(prepared, tmp_path, how: str) -> Path:
+    ds = tmp_path / "ds"
+    shutil.copytree(prepared, ds)
+    man = ds / "manifest.jsonl"
+    lines = man.read_text().splitlines(keepends=True)
+    if how == "truncated bank":
+        bank = ds / "audio_bank.s16"
+        bank.write_bytes(bank.read_bytes()[: bank.stat().st_size // 2 + 1])
+    elif how == "bank header":
+        (ds / "audio_bank.json").write_text('{"sample_rate": 16000, "fi')
+    elif how == "garbage line":
+        man.write_text("".join(lines[:2] + ["this is not json\n"] + lines[2:]))
+    elif how == "duplicated row":
+        man.write_text("".join(lines + lines[1:2]))
+    elif how == "torn last line":
+        man.write_text("".join(lines) + lines[0][:40])
+    return ds
+
+
+@pytest.mark.parametrize("how,names", [("truncated bank", "audio_bank.s16"),
+                                       ("bank header", "audio_bank.json"),
+                                       ("garbage line", "manifest.jsonl: line 3"),
+                                       ("duplicated row", "is listed twice")])
+def test_a_damaged_dataset_is_one_line_naming_the_file(prepared, tmp_path, capsys, how, names):
+    ds = _damaged_copy(prepared, tmp_path, how)
+    code = main(["train", "-q", "--out", str(tmp_path / "run"), *cli(f"train.data={ds}",
+                                                                       "train.epochs=1")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and names in err[0] and "Traceback" not in err[0], err
+
+
+def test_a_torn_last_manifest_line_is_said_and_left_out(prepared, tmp_path, capsys):
+    ds = _damaged_copy(prepared, tmp_path, "torn last line")
+    assert main(["train", "-q", "--out", str(tmp_path / "run"), *cli(f"train.data={ds}",
+                                                                       "train.epochs=1")]) == 0
+    assert "its last line is torn" in capsys.readouterr().err

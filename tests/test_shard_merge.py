@@ -4,6 +4,7 @@ refused; an interrupted merge finishes when run again."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -167,3 +168,15 @@ def test_an_interrupted_merge_finishes_when_run_again(single, shares, tmp_path, 
     d = Dataset.open(out)
     for rec in d.videos:
         assert len(d.audio(rec["id"], rec["audio_start"], rec["audio_duration"])) > 0
+
+
+def test_a_second_merge_into_a_folder_being_merged_is_refused(shares, tmp_path):
+    from fastavts.config import ConfigError
+    from fastavts.data.merge import merge
+    from fastavts.lock import FolderLock
+
+    out = tmp_path / "merged"
+    with FolderLock(out, "prepare or merge", "") as held:
+        with pytest.raises(ConfigError, match=f"pid {os.getpid()}"):
+            merge(shares, out, progress=False)
+    assert held.fh is None and not (out / "manifest.jsonl").exists()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ConfigError
+
 BANK = "audio_bank.s16"
 HEADER = "audio_bank.json"
 
@@ -63,11 +65,23 @@ class AudioBank:
 
     def __init__(self, root: str | os.PathLike):
         root = Path(root)
-        header = json.loads((root / HEADER).read_text())
-        self.sample_rate = int(header["sample_rate"])
-        path = root / header["file"]
-        size = path.stat().st_size
-        self.pcm = (np.memmap(path, dtype="<i2", mode="r") if size else np.zeros(0, "<i2"))
+        try:
+            header = json.loads((root / HEADER).read_text())
+            self.sample_rate = int(header["sample_rate"])
+            path = root / header["file"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{root / HEADER}: cannot be read ({type(e).__name__}: "
+                              f"{str(e)[:120]}); the audio bank's header is damaged or missing: "
+                              f"restore it or prepare into a new folder") from None
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise ConfigError(f"{path}: {e.strerror}; the audio bank is missing: restore it or "
+                              f"prepare into a new folder") from None
+        self.path = path
+        # a torn odd byte at the end is not a sample
+        self.pcm = (np.memmap(path, dtype="<i2", mode="r", shape=(size // 2,)) if size > 1
+                    else np.zeros(0, "<i2"))
 
     def window(self, offset: int, samples: int, audio_start: float, start_s: float,
                duration_s: float) -> np.ndarray:

@@ -11,12 +11,14 @@ debugging use it; the DALI pipeline decodes the same files on the GPU.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import ConfigError
 from .audio_bank import AudioBank
 from .manifest import MANIFEST, REJECTED, read_jsonl
 
@@ -52,6 +54,13 @@ class Dataset:
         self.by_id = {v["id"]: v for v in videos}
         self.bank = AudioBank(root) if videos else None
         self.sample_rate = self.bank.sample_rate if self.bank else None
+        if self.bank is not None:
+            need = max(int(v["audio_offset"]) + int(v["audio_samples"]) for v in videos)
+            if need > len(self.bank.pcm):
+                raise ConfigError(f"{self.bank.path}: holds {len(self.bank.pcm)} samples but "
+                                  f"the manifest's sound reaches sample {need}: the bank is "
+                                  f"truncated or from another prepare; restore it or prepare "
+                                  f"into a new folder")
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> Dataset:
@@ -59,7 +68,21 @@ class Dataset:
         if not (root / MANIFEST).is_file():
             raise FileNotFoundError(f"'{root}' is not a prepared dataset (no {MANIFEST}); "
                                     f"make one with: fastavts prepare VIDEOS {root}")
-        return cls(root, read_jsonl(root / MANIFEST), read_jsonl(root / REJECTED))
+        torn: list[str] = []
+        videos = read_jsonl(root / MANIFEST, torn=torn)
+        for said in torn:
+            print(f"fastavts: warning: {said}", file=sys.stderr)
+        seen: dict[str, int] = {}
+        for line, v in enumerate(videos, 1):
+            if not isinstance(v, dict) or "id" not in v:
+                raise ConfigError(f"{root / MANIFEST}: record {line} is not a video record (no "
+                                  f"id); the file is damaged: restore it or prepare again")
+            if v["id"] in seen:
+                raise ConfigError(f"{root / MANIFEST}: video {v['id']!r} is listed twice "
+                                  f"(records {seen[v['id']]} and {line}); the file is damaged: "
+                                  f"restore it or prepare again")
+            seen[v["id"]] = line
+        return cls(root, videos, read_jsonl(root / REJECTED))
 
     def __len__(self) -> int:
         return len(self.videos)

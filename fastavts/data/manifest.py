@@ -10,13 +10,17 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import ConfigError
+
 MANIFEST = "manifest.jsonl"
 REJECTED = "rejected.jsonl"
 
 
-def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
-    """Records of a JSON-lines file; a torn last line (interrupted write) is dropped, and with
-    `repair` also cut from the file. A bad line elsewhere is an error naming the line."""
+def read_jsonl(path: str | os.PathLike, repair: bool = False,
+               torn: list | None = None) -> list[dict]:
+    """Records of a JSON-lines file; a torn last line (interrupted write) is dropped (said in
+    `torn`, where given), and with `repair` also cut from the file. A bad line elsewhere is a
+    ConfigError naming the line."""
     path = Path(path)
     if not path.exists():
         return []
@@ -29,8 +33,11 @@ def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
         try:
             records.append(json.loads(line))
         except ValueError:
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON; the file is damaged: "
-                             f"restore it or prepare into a new folder") from None
+            raise ConfigError(f"{path}: line {i + 1} is not valid JSON; the file is damaged: "
+                              f"restore it or prepare into a new folder") from None
+    if good_end < len(raw) and torn is not None:
+        torn.append(f"{path}: its last line is torn (an interrupted write) and is left out; "
+                    f"rerun prepare into the folder to finish it")
     if repair and good_end < len(raw):
         with open(path, "r+b") as fh:
             fh.truncate(good_end)

@@ -151,14 +151,18 @@ def load_model(path, device="cpu", towers=("video", "audio")) -> tuple[AVTS, obj
     cfg, state, exported = read_weights(path)
     model = AVTS.from_config(cfg, towers=towers)
     keep = {k: v for k, v in state.items() if k.split(".")[0] in model.parts()}
-    if exported:
-        missing, unexpected = model.load_state_dict(keep, strict=False)
-        if missing or unexpected:
-            raise ExportError(f"{Path(path) / WEIGHTS} does not match config.json (missing "
-                              f"{missing[:3]}, unexpected {unexpected[:3]}); export the "
-                              f"checkpoint again")
-    else:
-        model.load_state_dict(keep)
+    where = (f"{Path(path) / WEIGHTS} does not match its config.json" if exported else
+             f"the weights in {path} do not match the config saved with them")
+    try:
+        missing, unexpected = model.load_state_dict(keep, strict=not exported)
+    except RuntimeError as e:   # a tensor of another shape, a key missing or extra
+        detail = " ".join(str(e).split("\n\t")[1:2])[:200] or str(e)[:200]
+        raise ExportError(f"{where} ({detail}); the file or its config was edited or mixed up "
+                          f"with another run's: " + ("export the checkpoint again" if exported
+                                                     else "use another checkpoint")) from None
+    if missing or unexpected:
+        raise ExportError(f"{where} (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                          f"export the checkpoint again")
     return model.to(device).eval(), cfg
 
 
