@@ -94,6 +94,7 @@ class FolderLock:
 
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
+            existed = self.path.exists()
             fh = open(self.path, "a+")
         except OSError as e:   # not writable, a file in the way, a full disk
             raise write_failure(self.path, e) from None
@@ -103,6 +104,8 @@ class FolderLock:
             fh.close()
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise ConfigError(self._refusal(_read(self.path))) from None
+            if not existed:   # made just now by open(): not a holder's
+                self.path.unlink(missing_ok=True)
             return self._acquire_file()      # flock not supported here
         fh.seek(0)
         fh.truncate()

@@ -445,3 +445,38 @@ def test_a_torn_last_manifest_line_is_said_and_left_out(prepared, tmp_path, caps
     assert main(["train", "-q", "--out", str(tmp_path / "run"), *cli(f"train.data={ds}",
                                                                        "train.epochs=1")]) == 0
     assert "its last line is torn" in capsys.readouterr().err
+
+
+def test_where_flock_is_refused_the_lock_is_an_exclusive_file(tmp_path, monkeypatch, capsys):
+    """Lustre without `flock`: the lock file itself, created exclusively; a second writer is
+    refused naming the first; a holder that died on this host is taken over; release removes
+    the file."""
+    import errno
+    import fcntl
+
+    from fastavts.lock import FolderLock
+
+    def no_flock(fh, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    folder = tmp_path / "run"
+    first = FolderLock(folder, "fastavts train", "wait").acquire()
+    assert first.exclusive_file and (folder / ".lock").is_file()
+    with pytest.raises(ConfigError, match=f"pid {os.getpid()}"):
+        FolderLock(folder, "fastavts train", "wait").acquire()
+    first.release()
+    assert not (folder / ".lock").exists()
+    # a holder on this host that is gone: taken over, with a word
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    held = FolderLock(folder, "fastavts train", "wait").acquire()
+    info = json.loads((folder / ".lock").read_text())
+    (folder / ".lock").write_text(json.dumps(dict(info, pid=int(dead))))
+    held.exclusive_file = False   # forget it without removing the file
+    again = FolderLock(folder, "fastavts train", "wait").acquire()
+    assert "is gone; taking the lock over" in capsys.readouterr().err
+    again.release()
+    # a holder on another host cannot be checked: the message says what to do
+    (folder / ".lock").write_text(json.dumps(dict(info, host="elsewhere")))
+    with pytest.raises(ConfigError, match="remove .*lock"):
+        FolderLock(folder, "fastavts train", "wait").acquire()
