@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
 from .models.avts import load_model  # (model, cfg) from a checkpoint or an export folder
 
 
@@ -69,12 +68,9 @@ def detect_offsets(checkpoint: str | Path, files: Sequence[str | Path], max_shif
     cfg.prepare.workers = workers
     cfg.prepare.label_from = "none"
     files = [Path(f).resolve() for f in files]
-    for f in files:
-        if f.is_dir():
-            raise ConfigError(f"{f} is a folder; offset takes video files (give the files "
-                              f"inside it, e.g. {f}/*.mp4)")
-        if not f.exists():
-            raise ConfigError(f"{f}: no such file")
+    # a folder is not a video: said as such (prepare would take it for a missing file)
+    folders = {f: f"a folder; offset takes video files (e.g. {f}/*.mp4)" for f in files
+               if f.is_dir()}
     out = []
     with tempfile.TemporaryDirectory(prefix="fastavts_offset_") as tmp:
         lst = Path(tmp) / "list.csv"
@@ -82,14 +78,17 @@ def detect_offsets(checkpoint: str | Path, files: Sequence[str | Path], max_shif
             w = csv.writer(fh)
             w.writerow(["path"])
             for f in files:
-                w.writerow([str(f)])
+                if f not in folders:
+                    w.writerow([str(f)])
         prepare(lst, Path(tmp) / "ds", cfg, progress=False)
         ds = Dataset.open(Path(tmp) / "ds")
         by_src = {v["source"]: v for v in ds.videos}
         rejected = {r["source"]: r["reason"] for r in ds.rejected}
         for f in files:
             row = dict(file=str(f))
-            if str(f) in by_src:
+            if f in folders:
+                row["error"] = folders[f]
+            elif str(f) in by_src:
                 try:
                     r = offset_curve(model, cfg, ds, by_src[str(f)], max_shift, clips, device)
                     if not keep_curve:
