@@ -133,6 +133,8 @@ def run_one(kind: str, root: Path, args, pipelines: int = 0) -> dict:
                 clips_per_s_median=round(statistics.median(rates), 2),
                 clips_per_s_min=round(min(rates), 2), clips_per_s_max=round(max(rates), 2),
                 repeats=len(rates), warmup_s=round(startup, 2), faults=sum(loader.faults.values()),
+                decoded_per_delivered=getattr(getattr(loader, "decode_count", None), "ratio",
+                                              None),
                 peak_rss_mb=peak_rss_mb(), **gpu)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..config import Config
 from .dataset import Dataset
+from .decode_cost import DecodeCount, clip_decoded_frames, keyframe_interval
 from .sampler import Sampler
 
 
@@ -101,6 +102,9 @@ class BaseLoader(ABC):
         # (the trainer sets this with train.profile or train.nvtx); PyAV workers have none
         self.range = lambda name: nullcontext()
         self.fault_log: list[dict] = []  # (epoch, batch, video, error)
+        # decoded frames per delivered frame (data/decode_cost.py)
+        self.decode_count = DecodeCount()
+        self.keyframe_interval = keyframe_interval(root)
         import torch
         self.pin_memory = torch.cuda.is_available()
 
@@ -133,7 +137,15 @@ class BaseLoader(ABC):
                     f"epoch {batch['epoch']} where batch {self.sampler.next_batch} of epoch "
                     f"{epoch} was due; please report it")
             self.sampler.next_batch = batch["batch"] + 1
+            self.count_decoding(self.sampler.plan(epoch, batch["batch"]))
             yield pin_meta(batch) if self.pin_memory else batch
+
+    def count_decoding(self, plan: dict) -> None:
+        """A delivered batch's decoding (a seeking reader; data/decode_cost.py)."""
+        d = self.cfg.data
+        self.decode_count.add(
+            clip_decoded_frames(plan, self.sampler.videos, d, self.keyframe_interval).sum(),
+            len(plan["clip_video"]) * d.clip_frames)
 
     @abstractmethod
     def _batches(self, epoch: int, start: int) -> Iterator[dict]:

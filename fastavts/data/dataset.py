@@ -49,6 +49,7 @@ class Dataset:
         # FFmpeg frame threads speed up one reader; loader workers, many in parallel, set this
         # to False (threads in every worker only compete, and they outlive a killed worker).
         self.codec_threads = True
+        self.decoded_frames = 0   # frames frames() has decoded (data/decode_cost.py)
         self.videos = videos
         self.rejected = rejected
         self.by_id = {v["id"]: v for v in videos}
@@ -133,6 +134,7 @@ class Dataset:
                     c.seek(int(first / fps / s.time_base), stream=s, backward=True)
                 left = set(need)
                 for f in c.decode(s):
+                    self.decoded_frames += 1
                     i = lo + int(round(f.time * fps))
                     if i in left:
                         a = _rgb24(f)

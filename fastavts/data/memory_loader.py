@@ -141,6 +141,11 @@ def decoded_bytes(videos: list[dict]) -> int:
 class MemoryLoader(BaseLoader):
     kind = "memory"
 
+    def count_decoding(self, plan: dict) -> None:
+        """Every video decoded once, whole: the frames held, counted."""
+        self.decode_count.add(0, len(plan["clip_video"]) * self.cfg.data.clip_frames)
+        self.decode_count.decoded = sum(a.shape[0] for a in self.cache.videos.values())
+
     def __init__(self, cfg, root, **kw):
         super().__init__(cfg, root, **kw)
         self._geo = AudioGeometry(cfg.data)

@@ -190,7 +190,9 @@ def summary(run: Run, tel: Telemetry, wall: float) -> dict:
                 wall_s=round(wall, 1), data_wait_share=round(tel.wait_total / wall, 3),
                 final_loss=tel.final_loss(),
                 skipped_nonfinite=int(run.step_fn.bad_total.item()),
-                faults=dict(run.loader.faults), model=f"{cfg.model.video}+{cfg.model.audio}",
+                faults=dict(run.loader.faults),
+                decoded_per_delivered=run.loader.decode_count.ratio,
+                model=f"{cfg.model.video}+{cfg.model.audio}",
                 loss=cfg.loss.kind, pairs=cfg.sampler.pairs, world_size=run.world,
                 negatives_from_ranks=run.step_fn.objective.ranks_in_loss,
                 collapse=tel.detector.summary(), **tel.gpu)
