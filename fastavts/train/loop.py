@@ -70,14 +70,21 @@ class Run:
         return self.out / "checkpoints"
 
     def checkpoint(self) -> Path | None:
-        """The whole state at this step (the main process writes it, atomically; its path)."""
+        """The whole state at this step (the main process writes it, atomically; its path).
+        Every rank must call it: each rank's loader position and RNG states are gathered to
+        rank 0 (`ranks`), so that each rank resumes its own."""
+        mine = dict(loader=self.loader.state_dict(), rng=rng_state())
+        ranks = [mine]
+        if self.world > 1:
+            ranks = [None] * self.world if self.is_main else None
+            torch.distributed.gather_object(mine, ranks, dst=0)
         if not self.is_main:
             return None
         s = self.step_fn
         return save_checkpoint(self.ckpt_dir, self.step, dict(
             model=self.model.state_dict(), optimizer=s.opt.state_dict(),
             schedule=s.sched.state_dict(), scaler=s.scaler.state_dict(),
-            loader=self.loader.state_dict(), rng=rng_state(), step=self.step,
+            loader=mine["loader"], rng=mine["rng"], ranks=ranks, step=self.step,
             config=to_yaml(self.cfg), command=command_line(), data=self.data),
             self.cfg.train.keep_last)
 
@@ -90,8 +97,11 @@ class Run:
         s.opt.load_state_dict(state["optimizer"])
         s.sched.load_state_dict(state["schedule"])
         s.scaler.load_state_dict(state["scaler"])
-        self.loader.load_state_dict(state["loader"])
-        restore_rng(state["rng"])
+        # this rank's own position and RNGs (checkpoints before `ranks` held rank 0's alone)
+        ranks = state.get("ranks")
+        mine = ranks[self.rank] if ranks and len(ranks) == self.world else state
+        self.loader.load_state_dict(mine["loader"])
+        restore_rng(mine["rng"])
         # the loader's position, an epoch's end already moved to the next epoch's start
         self.step, self.epoch0 = state["step"], self.loader.sampler.epoch
         if self.is_main:
