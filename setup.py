@@ -44,6 +44,8 @@ setup(
                              "ruff>=0.17,<0.18"],  # .ci/run lints with ruff.toml
                     "bench": ["matplotlib>=3.8,<4"],    # bench/plot.py
                     "wandb": ["wandb>=0.16,<1"],        # train.loggers=[tensorboard,wandb]
-                    "decord": ["decord>=0.6,<0.7"]},    # loader.kind=decord (bench_data.py)
+                    "decord": ["decord>=0.6,<0.7"],     # loader.kind=decord (bench_data.py)
+                    # bench/bench_decoders.py's peers (SPDL also needs FFmpeg's shared libs)
+                    "peers": ["decord>=0.6,<0.7", "spdl-io>=0.8,<0.9", "spdl-core>=0.8,<0.9"]},
     entry_points={"console_scripts": ["fastavts=fastavts.cli:main"]},
 )
