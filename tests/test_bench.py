@@ -288,3 +288,13 @@ def test_bench_decoders_rows_on_the_same_clips(prepared, tmp_path):
     assert pyav["rounds"] == dali["rounds"] == 2 and pyav["shapes_ok"] and dali["shapes_ok"]
     assert pyav["mean_abs_diff_vs_pyav"] == 0 and dali["mean_abs_diff_vs_pyav"] < 3
     assert "clips_per_s_median" in rows["torchcodec"] or rows["torchcodec"]["error"]
+
+
+def test_bench_sampler_rows_at_a_small_scale(tmp_path):
+    import bench_sampler
+
+    out = tmp_path / "sampler.jsonl"
+    assert bench_sampler.main(["--videos", "3000", "--out", str(out)]) == 0
+    (r,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert r["videos"] == 3000 and r["build_s"] > 0 and 0 < r["plan_ms_median"] <= r["plan_ms_p99"]
+    assert r["pickled_mb"] > 0 and r["worker_added_mb"] > 0
