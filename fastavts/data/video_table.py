@@ -1,0 +1,121 @@
+"""The sampler's videos as columns: what plans and loaders read of each video, in numpy arrays
+and packed strings instead of one Python dict per video.
+
+Every DALI source worker and PyAV DataLoader worker receives the sampler; with the manifest as
+dicts each held ~2.2 KB a video (531 MB at 240k videos, 2.2 GB at 1M: bench/bench_sampler.py).
+A VideoTable holds the fields below in ~130 bytes a video and pickles as a few arrays.
+
+`table[i]` is a read-only view that answers like the manifest record did (`v["fps"]`,
+`v["segments"][j]["path"]`, `v.get("codec")`, `v["_ranges"]`), with the same Python types, so
+the code that reads videos is unchanged. Fields a record has beyond these are not kept.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+FLOATS = ("fps", "duration", "audio_start", "audio_duration")
+INTS = ("num_frames", "width", "height", "audio_offset", "audio_samples")
+
+
+class _Strings:
+    """Strings packed into one bytes object with offsets."""
+
+    def __init__(self, items: list[str]):
+        enc = [s.encode() for s in items]
+        self.blob = b"".join(enc)
+        self.ends = np.cumsum([len(e) for e in enc], dtype=np.int64)
+
+    def __getitem__(self, i: int) -> str:
+        start = int(self.ends[i - 1]) if i else 0
+        return self.blob[start:int(self.ends[i])].decode()
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+
+class VideoTable(Sequence):
+    """Columns of `records` (manifest rows, in order) and each one's clip ranges."""
+
+    def __init__(self, records: list[dict], ranges: list[list[tuple[int, int, bool]]]):
+        self.ids = _Strings([r["id"] for r in records])
+        self.missing: dict[str, np.ndarray] = {}   # key -> rows without it (a KeyError there)
+        for keys, dtype in ((FLOATS, np.float64), (INTS, np.int64)):
+            for k in keys:
+                col = [r.get(k) for r in records]
+                gone = np.array([x is None for x in col], bool)
+                if gone.any():
+                    self.missing[k] = gone
+                setattr(self, k, np.array([0 if x is None else x for x in col], dtype))
+        codecs = [r.get("codec") for r in records]
+        self.codec_names = sorted({c for c in codecs if c is not None})
+        index = {c: i for i, c in enumerate(self.codec_names)}
+        self.codec = np.array([index.get(c, -1) for c in codecs], np.int16)
+        segs = [r["segments"] for r in records]
+        self.seg_ptr = np.concatenate([[0], np.cumsum([len(s) for s in segs])]).astype(np.int64)
+        self.seg_start = np.array([s["start_frame"] for ss in segs for s in ss], np.int64)
+        self.seg_frames = np.array([s["num_frames"] for ss in segs for s in ss], np.int64)
+        self.seg_path = _Strings([s["path"] for ss in segs for s in ss])
+        self.rng_ptr = np.concatenate([[0], np.cumsum([len(r) for r in ranges])]).astype(np.int64)
+        flat = [x for r in ranges for x in r]
+        self.rng_lo = np.array([x[0] for x in flat], np.int64)
+        self.rng_hi = np.array([x[1] for x in flat], np.int64)
+        self.rng_ok = np.array([x[2] for x in flat], bool)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [Video(self, j) for j in range(*i.indices(len(self)))]
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"video {i} outside [0, {len(self)})")
+        return Video(self, i)
+
+
+class Video(Mapping):
+    """One row of a VideoTable, read like the manifest record."""
+
+    __slots__ = ("t", "i")
+    KEYS = ("id", *FLOATS, *INTS, "codec", "segments", "_ranges")
+
+    def __init__(self, table: VideoTable, i: int):
+        self.t, self.i = table, i
+
+    def __getitem__(self, key: str):
+        t, i = self.t, self.i
+        if key == "id":
+            return t.ids[i]
+        if key in t.missing and t.missing[key][i]:
+            raise KeyError(key)
+        if key in FLOATS:
+            return float(getattr(t, key)[i])
+        if key in INTS:
+            return int(getattr(t, key)[i])
+        if key == "segments":
+            return [dict(path=t.seg_path[j], start_frame=int(t.seg_start[j]),
+                         num_frames=int(t.seg_frames[j]))
+                    for j in range(t.seg_ptr[i], t.seg_ptr[i + 1])]
+        if key == "_ranges":
+            return [(int(t.rng_lo[j]), int(t.rng_hi[j]), bool(t.rng_ok[j]))
+                    for j in range(t.rng_ptr[i], t.rng_ptr[i + 1])]
+        if key == "codec":
+            c = int(t.codec[i])
+            if c >= 0:
+                return t.codec_names[c]
+        raise KeyError(key)
+
+    def __iter__(self):
+        t, i = self.t, self.i
+        return (k for k in self.KEYS if not (k == "codec" and t.codec[i] < 0)
+                and not (k in t.missing and t.missing[k][i]))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return f"Video({dict(self)!r})"
