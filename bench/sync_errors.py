@@ -67,7 +67,8 @@ def main(argv=None) -> int:
 
     def meta(vi):
         if vi not in metas:
-            side = Path(videos[vi]["source"]).with_suffix(".json")
+            # the manifest row (the sampler keeps only what plans read)
+            side = Path(loader.dataset.by_id[videos[vi]["id"]]["source"]).with_suffix(".json")
             if not side.is_file():
                 raise SystemExit(f"sync_errors: no sidecar {side} for video {videos[vi]['id']}: "
                                  f"this tool reads the impact times `fastavts synth` writes")

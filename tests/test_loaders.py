@@ -118,8 +118,9 @@ def test_positive_windows_sound_where_the_clip_shows_impacts(one_object, kind):
             t0 = float(b["clip_t0"][i])
             f0 = int(round(t0 * v["fps"]))
             frames = ds.frames(v["id"], range(f0, f0 + 32))
+            meta = ds.by_id[v["id"]]["meta"]   # the sampler keeps only what plans read
             contacts = [k / v["fps"] for k in floor_contacts(
-                frames, v["meta"]["objects"][0]["colour"], v["meta"]["floor_y"])]
+                frames, meta["objects"][0]["colour"], meta["floor_y"])]
             onsets = logmel_onsets(b["audio"][i, 0].numpy())
             if not contacts:
                 continue
