@@ -8,7 +8,8 @@ The manifest rows are made like prepare's (10-s videos, one segment, 25 fps, 16 
 source_info and meta fields included), in memory: nothing is decoded. For each N: the seconds
 to build the Sampler, the median and 99th percentile of Sampler.plan over 200 batches of 64
 (train mode, in-batch pairs), the pickled size, and the resident memory a fresh spawned
-process adds by unpickling it (read from /proc/self/statm before and after). Rows go to
+process adds by unpickling it and after 200 plans, its own (anonymous) memory and its resident
+set with the shared pages it read (from /proc/self/smaps_rollup). Rows go to
 bench/results/sampler.jsonl. Targets (docs/design.md section 5): at 2M videos built in <= 5 s,
 a plan in <= 1 ms, <= 50 MB added per worker.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import pickle
 import statistics
 import sys
@@ -46,18 +46,32 @@ def manifest(n: int) -> list[dict]:
     return rows
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _memory_mb() -> dict:
+    """Resident and anonymous (private, not file-backed) memory of this process, MB."""
+    out = {}
+    with open("/proc/self/smaps_rollup") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key in ("Rss", "Anonymous"):
+                out[key] = int(rest.split()[0]) / 1024
+    return out
 
 
 def _receive(blob: bytes, q) -> None:
-    """A fresh worker: the memory its copy of the sampler adds."""
+    """A fresh worker: the memory its copy of the sampler adds, once received and after 200
+    plans (which read the videos' columns: mapped pages of the shared files count in its
+    resident set, not in its anonymous memory)."""
     import fastavts.data.sampler  # noqa: F401 (the classes, imported before measuring)
-    before = _rss_mb()
+    before = _memory_mb()
     s = pickle.loads(blob)
-    after = _rss_mb()
-    q.put(dict(added_mb=after - before, videos=len(s.videos)))
+    received = _memory_mb()
+    for b in range(200):
+        s.plan(b // len(s), b % len(s))
+    s._plans.clear()
+    planned = _memory_mb()
+    q.put(dict(added_mb=received["Rss"] - before["Rss"],
+               anon_after_plans_mb=planned["Anonymous"] - before["Anonymous"],
+               rss_after_plans_mb=planned["Rss"] - before["Rss"], videos=len(s.videos)))
 
 
 def measure(n: int) -> dict:
@@ -89,7 +103,9 @@ def measure(n: int) -> dict:
                 plan_ms_median=round(statistics.median(times) * 1e3, 3),
                 plan_ms_p99=round(times[int(0.99 * (len(times) - 1))] * 1e3, 3),
                 pickled_mb=round(len(blob) / 2**20, 1),
-                worker_added_mb=round(got["added_mb"], 1))
+                worker_added_mb=round(got["added_mb"], 1),
+                worker_anon_after_plans_mb=round(got["anon_after_plans_mb"], 1),
+                worker_rss_after_plans_mb=round(got["rss_after_plans_mb"], 1))
 
 
 def main(argv=None) -> int:
@@ -104,7 +120,9 @@ def main(argv=None) -> int:
         r = rows.add(dict(bench="sampler", **measure(n), **ctx))
         print(f"{n:>9,d} videos: built in {r['build_s']} s, plan {r['plan_ms_median']} ms "
               f"(p99 {r['plan_ms_p99']}), pickled {r['pickled_mb']} MB, a worker adds "
-              f"{r['worker_added_mb']} MB", flush=True)
+              f"{r['worker_added_mb']} MB on receipt, after 200 plans "
+              f"{r['worker_anon_after_plans_mb']} MB of its own (resident "
+              f"{r['worker_rss_after_plans_mb']} MB with the shared pages it read)", flush=True)
     rows.done()
     return 0
 

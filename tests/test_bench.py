@@ -297,4 +297,7 @@ def test_bench_sampler_rows_at_a_small_scale(tmp_path):
     assert bench_sampler.main(["--videos", "3000", "--out", str(out)]) == 0
     (r,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert r["videos"] == 3000 and r["build_s"] > 0 and 0 < r["plan_ms_median"] <= r["plan_ms_p99"]
-    assert r["pickled_mb"] > 0 and r["worker_added_mb"] > 0
+    # the videos travel as a folder of shared arrays: the pickle and the worker's own memory
+    # stay small, its resident set grows by the pages it read
+    assert r["pickled_mb"] < 1 and r["worker_anon_after_plans_mb"] < 50
+    assert r["worker_rss_after_plans_mb"] > 0

@@ -11,6 +11,7 @@ the code that reads videos is unchanged. Fields a record has beyond these are no
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -20,16 +21,16 @@ INTS = ("num_frames", "width", "height", "audio_offset", "audio_samples")
 
 
 class _Strings:
-    """Strings packed into one bytes object with offsets."""
+    """Strings packed into one uint8 array with their end offsets."""
 
     def __init__(self, items: list[str]):
         enc = [s.encode() for s in items]
-        self.blob = b"".join(enc)
+        self.blob = np.frombuffer(b"".join(enc), np.uint8)
         self.ends = np.cumsum([len(e) for e in enc], dtype=np.int64)
 
     def __getitem__(self, i: int) -> str:
         start = int(self.ends[i - 1]) if i else 0
-        return self.blob[start:int(self.ends[i])].decode()
+        return self.blob[start:int(self.ends[i])].tobytes().decode()
 
     def __len__(self) -> int:
         return len(self.ends)
@@ -65,6 +66,54 @@ class VideoTable(Sequence):
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    # --- shared between processes ----------------------------------------------------------
+    # Pickled (into a DALI or DataLoader worker), the table is its folder of .npy files,
+    # written once by the process that made it; a receiver maps them read-only, so every
+    # process reads the same pages of the page cache instead of holding a copy.
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        out = {k: v for k, v in vars(self).items() if isinstance(v, np.ndarray)}
+        for name in ("ids", "seg_path"):
+            out[f"{name}.blob"], out[f"{name}.ends"] = getattr(self, name).blob, \
+                getattr(self, name).ends
+        out.update({f"missing.{k}": v for k, v in self.missing.items()})
+        return out
+
+    def _shared_folder(self) -> str:
+        folder = getattr(self, "_folder", None)
+        if folder is None:
+            import shutil
+            import tempfile
+            import weakref
+
+            folder = tempfile.mkdtemp(prefix="fastavts_videos_")
+            for name, a in self._arrays().items():
+                np.save(os.path.join(folder, f"{name}.npy"), np.ascontiguousarray(a))
+            # gone with the table that wrote it (receivers keep their maps: Linux allows it)
+            weakref.finalize(self, shutil.rmtree, folder, True)
+            self._folder = folder
+        return folder
+
+    def __getstate__(self):
+        return dict(folder=self._shared_folder(), codec_names=self.codec_names)
+
+    def __setstate__(self, state):
+        folder = state["folder"]
+        self.codec_names, self.missing = state["codec_names"], {}
+        self._folder = None   # a receiver does not own the files
+        for f in os.listdir(folder):
+            name = f[:-4]
+            a = np.load(os.path.join(folder, f), mmap_mode="r")
+            if name.startswith("missing."):
+                self.missing[name[8:]] = a
+            elif "." in name:
+                obj, part = name.split(".")
+                if not hasattr(self, obj):
+                    setattr(self, obj, _Strings([]))
+                setattr(getattr(self, obj), part, a)
+            else:
+                setattr(self, name, a)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
