@@ -75,3 +75,30 @@ def test_plans_equal_those_made_from_the_rows_as_dicts(prepared, monkeypatch, ov
                     np.testing.assert_array_equal(a[k], d[k], err_msg=f"{k}, batch {b}")
                 else:
                     assert a[k] == d[k], (k, b)
+
+
+def test_shared_folders_of_dead_processes_are_removed(prepared, tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout)
+    left = tmp_path / f"fastavts_videos_{dead}_abc"
+    left.mkdir()
+    mine = tmp_path / f"fastavts_videos_{os.getpid()}_old"
+    mine.mkdir()
+    rows = Dataset.open(prepared).videos
+    table = VideoTable(rows, [[(0, 1, True)]] * len(rows))
+    blob = pickle.dumps(table)
+    assert not left.exists() and mine.exists()
+    assert len(pickle.loads(blob)) == len(rows)
+    made = [p for p in tmp_path.iterdir() if p.name.startswith(f"fastavts_videos_{os.getpid()}_")
+            and p != mine]
+    assert len(made) == 1
+    del table
+    import gc
+    gc.collect()
+    assert not made[0].exists()      # gone with the table that wrote it

@@ -87,7 +87,8 @@ class VideoTable(Sequence):
             import tempfile
             import weakref
 
-            folder = tempfile.mkdtemp(prefix="fastavts_videos_")
+            _remove_orphaned_folders(tempfile.gettempdir())
+            folder = tempfile.mkdtemp(prefix=f"fastavts_videos_{os.getpid()}_")
             for name, a in self._arrays().items():
                 np.save(os.path.join(folder, f"{name}.npy"), np.ascontiguousarray(a))
             # gone with the table that wrote it (receivers keep their maps: Linux allows it)
@@ -168,3 +169,21 @@ class Video(Mapping):
 
     def __repr__(self) -> str:
         return f"Video({dict(self)!r})"
+
+
+def _remove_orphaned_folders(where: str) -> None:
+    """Shared folders left by processes that died without their finaliser (kill -9): named
+    fastavts_videos_<pid>_*, removed when no process has that pid."""
+    import shutil
+
+    for name in os.listdir(where):
+        parts = name.split("_")
+        if not name.startswith("fastavts_videos_") or len(parts) < 4 or not parts[2].isdigit():
+            continue
+        try:
+            os.kill(int(parts[2]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(where, name), ignore_errors=True)
+        except PermissionError:
+            pass
+
