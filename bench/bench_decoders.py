@@ -185,7 +185,6 @@ def child(args) -> None:
                     for f in frames)
     ref = None
     if args.check:   # the same pixels as PyAV for a few clips (mean absolute difference)
-        from fastavts.data.dataset import _rgb24  # noqa: F401 (PyAV's own conversion)
         pv, _ = run_pyav(cl[:4], 1)
         ref = float(max(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean()
                         for a, b in zip(frames[:4], pv)))

@@ -65,6 +65,9 @@ class Objective(abc.ABC):
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
+        if cls.fused_kernel and cls.warm_up is Objective.warm_up:
+            raise TypeError(f"{cls.__name__} has a fused kernel: it must say in warm_up how a "
+                            f"step launches it (kernels/tuning.py autotunes there)")
         if cls.kind:
             Objective.registry[cls.kind] = cls
 
@@ -130,13 +133,13 @@ class Objective(abc.ABC):
         """Whether this run's loss runs on the fused Triton kernels (loss.impl resolved)."""
         return self.fused_kernel and self.cfg.loss.impl == "triton"
 
-    def warm_up(self, device: torch.device, dtype: torch.dtype) -> None:
+    def warm_up(self, device: torch.device, dtype: torch.dtype) -> None:  # noqa: B027
         """Launch this kind's fused kernels once, forward and backward, on made-up embeddings
         of `dtype` at the shapes a step of this run gives them (rows, columns after the
         gather, D), so that they compile and autotune before the first step (TrainStep.warm_up
-        calls it where launches_kernels; kernels/tuning.py). No collective."""
-        raise NotImplementedError(f"loss.kind={self.kind} has a fused kernel: its objective "
-                                  f"must say in warm_up how a step launches it")
+        calls it where launches_kernels; kernels/tuning.py). No collective. A kind without a
+        fused kernel launches nothing; one with a kernel must say how (checked when the class
+        is defined)."""
 
     @abc.abstractmethod
     def blind_loss(self, b: dict, x: torch.Tensor) -> torch.Tensor:

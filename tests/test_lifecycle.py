@@ -40,6 +40,20 @@ def cli(*args) -> list[str]:
     return [*FAST, *args, "synth.width=96", "synth.height=64", "prepare.short_side=64"]
 
 
+def signal_when(p: subprocess.Popen, ready: Path, sig: int, wait: float = 120) -> str:
+    """Send `sig` to a started command once `ready` exists (or it ended, or `wait` passed);
+    its stderr once it has ended."""
+    try:
+        deadline = time.time() + wait
+        while time.time() < deadline and p.poll() is None and not ready.exists():
+            time.sleep(0.05)
+        p.send_signal(sig)
+        return p.communicate(timeout=120)[1]
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
 def signal_at(monkeypatch, step: int, sig: int):
     """Send `sig` to this process in the middle of call number `step` of the training step."""
     real, calls = TrainStep.__call__, [0]
@@ -255,16 +269,7 @@ def test_sigint_reaches_a_run_started_by_a_script_and_it_resumes(prepared, tmp_p
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
                                                                      signal.SIG_IGN))
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and p.poll() is None and \
-                not (out / "checkpoints" / "ckpt_00000002.pt").exists():
-            time.sleep(0.05)
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.kill()
+    err = signal_when(p, out / "checkpoints" / "ckpt_00000002.pt", signal.SIGINT)
     assert p.returncode == EXIT_SIGINT, err
     assert "by SIGINT; checkpoint" in err and "--resume" in err, err
     r = subprocess.run([sys.executable, "-m", "fastavts", "train", "-q", "--out", str(out),
@@ -499,16 +504,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_with_a_checkpoint_and_resume_finis
                                        "train.ckpt_every=1", "train.keep_last=2")),
                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and p.poll() is None and \
-                not (out / "checkpoints" / "ckpt_00000003.pt").exists():
-            time.sleep(0.05)
-        p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.kill()
+    err = signal_when(p, out / "checkpoints" / "ckpt_00000003.pt", signal.SIGTERM, wait=180)
     assert p.returncode != 0, err
     line = [x for x in err.splitlines() if "stopped at step" in x]
     assert len(line) == 1 and "by SIGTERM" in line[0] and "--resume" in line[0], err[-3000:]

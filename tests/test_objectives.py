@@ -223,3 +223,18 @@ def test_ce_trains_two_epochs_on_two_gloo_ranks(prepared, tmp_path):
     assert p.returncode == 0
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["steps"] == 6 and m["world_size"] == 2 and m["skipped_nonfinite"] == 0
+
+
+def test_a_kind_with_a_fused_kernel_must_say_how_to_warm_it_up():
+    """The trainer compiles and autotunes a kind's kernels before the first step through its
+    warm_up (kernels/tuning.py): a fused kind without one is refused when it is defined."""
+    with pytest.raises(TypeError, match="must say in warm_up"):
+        class Fused(Objective):   # defining it is the test
+            fused_kernel = True
+
+            def loss(self, model, b, v, a, fv, fa):
+                return v.sum()
+
+            def blind_loss(self, b, x):
+                return x.sum()
+    assert "Fused" not in {c.__name__ for c in Objective.registry.values()}

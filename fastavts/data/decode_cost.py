@@ -38,8 +38,14 @@ def keyframe_interval(root: str | Path) -> int:
 def clip_decoded_frames(plan: dict, videos: list[dict], data, interval: int) -> np.ndarray:
     """(B,) frames a seeking reader decodes for each clip of `plan` (module docstring)."""
     first = np.asarray(plan["clip_frame"], np.int64)
-    seg_start = np.array([videos[int(v)]["segments"][int(s)]["start_frame"]
-                          for v, s in zip(plan["clip_video"], plan["clip_segment"])], np.int64)
+    if hasattr(videos, "seg_ptr"):   # a VideoTable: the columns, without a record per clip
+        rows = videos.seg_ptr[np.asarray(plan["clip_video"], np.int64)] + \
+            np.asarray(plan["clip_segment"], np.int64)
+        seg_start = videos.seg_start[rows]
+    else:
+        seg_start = np.array([videos[int(v)]["segments"][int(s)]["start_frame"]
+                              for v, s in zip(plan["clip_video"], plan["clip_segment"])],
+                             np.int64)
     lead = (first - seg_start) % interval
     return lead + (data.clip_frames - 1) * data.frame_stride + 1
 
