@@ -10,7 +10,8 @@ bench_data.py's cached one: 48 x 10 s VP9 at 128 px). Every decoder returns the 
 (T, H, W, 3) RGB frames of every clip, decoding on --threads threads (its own thread pool, or
 DALI's); no crop, normalisation, audio or copy to torch. Decoders:
 
-    pyav        PyAV (fastavts's PyAV loader and Dataset.frames): seek to the keyframe, decode
+    pyav        PyAV through fastavts's Dataset.frames (its PyAV loader's reader): seek to the
+                keyframe, decode forward
     dali        DALI's CPU fn.decoders.video on the clip's bytes and frame indices
     decord      decord.VideoReader.get_batch (pip install decord)
     spdl        SPDL (pip install spdl-io spdl-core): demux the clip's time window, decode,
@@ -66,7 +67,8 @@ def clips(root: Path, n: int, seed: int, overrides=()) -> tuple[list[dict], obje
             seg = v["segments"][int(si)]
             first = int(f) - seg["start_frame"]
             out.append(dict(path=str(root / seg["path"]), first=first, fps=float(v["fps"]),
-                            frames=(first + d.frame_stride * np.arange(d.clip_frames)).tolist()))
+                            frames=(first + d.frame_stride * np.arange(d.clip_frames)).tolist(),
+                            root=str(root), id=v["id"], start=seg["start_frame"]))
         b += 1
     return out[:n], d, keyframe_interval(root)
 
@@ -85,27 +87,23 @@ def _pool(fn, cl, threads):
 
 
 def run_pyav(cl, threads):
-    import av
+    """fastavts's own PyAV reader (Dataset.frames), one per thread, which counts the frames
+    it decodes."""
+    import threading
 
-    counted = [0]
+    from fastavts.data.dataset import Dataset
+
+    local, readers = threading.local(), []
 
     def one(c):
-        want = set(c["frames"])
-        out = {}
-        with av.open(c["path"]) as con:
-            s = con.streams.video[0]
-            s.codec_context.thread_count = 1
-            if c["first"]:
-                con.seek(int(c["first"] / c["fps"] / s.time_base), stream=s, backward=True)
-            for f in con.decode(s):
-                counted[0] += 1
-                i = int(round(f.time * c["fps"]))
-                if i in want:
-                    out[i] = f.to_ndarray(format="rgb24")
-                    if len(out) == len(want):
-                        break
-        return np.stack([out[i] for i in c["frames"]])
-    return _pool(one, cl, threads), counted[0]
+        ds = getattr(local, "ds", None)
+        if ds is None:
+            ds = local.ds = Dataset.open(c["root"])
+            ds.codec_threads = False
+            readers.append(ds)
+        return ds.frames(c["id"], [c["start"] + f for f in c["frames"]])
+    frames = _pool(one, cl, threads)
+    return frames, sum(ds.decoded_frames for ds in readers)
 
 
 def run_decord(cl, threads):

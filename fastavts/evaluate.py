@@ -153,18 +153,11 @@ def evaluate_sync(model, cfg, root, device, autocast=nullcontext,
 
 def undecodable(loader) -> dict[str, str]:
     """{video id: error} of the videos whose planned eval clips PyAV cannot read."""
-    d, sampler, bad = loader.cfg.data, loader.sampler, {}
-    for b in range(len(sampler)):
-        plan = sampler.plan(0, b)
-        for vi, frame in zip(plan["clip_video"], plan["clip_frame"]):
-            v = sampler.videos[int(vi)]
-            if v["id"] in bad:
-                continue
-            try:
-                loader.dataset.frames(v["id"], int(frame) + d.frame_stride *
-                                      np.arange(d.clip_frames))
-            except Exception as e:
-                bad[v["id"]] = f"{type(e).__name__}: {str(e)[:200]}"
+    bad: dict[str, str] = {}
+    for b in range(len(loader.sampler)):
+        plan = loader.sampler.plan(0, b)
+        for i, err in loader.unreadable_clips(plan, skip=set(bad)).items():
+            bad.setdefault(loader.video_ids[int(plan["clip_video"][i])], err[:200])
     return bad
 
 

@@ -111,6 +111,21 @@ class BaseLoader(ABC):
     def __len__(self) -> int:
         return len(self.sampler)
 
+    def unreadable_clips(self, plan: dict, skip: set | frozenset = frozenset()
+                         ) -> dict[int, str]:
+        """{clip position: error} of the plan's clips PyAV cannot read (the loaders' own
+        decoders aside: which file is damaged). Clips of videos in `skip` are not tried."""
+        d, bad = self.cfg.data, {}
+        for i, (vi, first) in enumerate(zip(plan["clip_video"], plan["clip_frame"])):
+            vid = self.video_ids[int(vi)]
+            if vid in skip:
+                continue
+            try:
+                self.dataset.frames(vid, int(first) + d.frame_stride * np.arange(d.clip_frames))
+            except Exception as e:
+                bad[i] = f"{type(e).__name__}: {e}"
+        return bad
+
     def record_faults(self, plan: dict, bad: dict[int, str]) -> None:
         for i, err in bad.items():
             vid = self.video_ids[int(plan["clip_video"][i])]

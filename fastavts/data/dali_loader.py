@@ -354,15 +354,7 @@ class DALILoader(BaseLoader):
 
     def _on_decode_error(self, epoch: int, batch: int, err: Exception) -> None:
         plan = planned(self.sampler, epoch, batch, self.exclude)
-        ds = self.dataset  # the PyAV reader of the same prepared set
-        d = self.cfg.data
-        bad = {}
-        for i, vi in enumerate(plan["clip_video"]):
-            v = self.sampler.videos[int(vi)]
-            try:
-                ds.frames(v["id"], int(plan["clip_frame"][i]) + d.frame_stride * np.arange(d.clip_frames))
-            except Exception as e2:
-                bad[i] = f"{type(e2).__name__}: {e2}"
+        bad = self.unreadable_clips(plan)   # read with PyAV, clip by clip
         if not bad:  # PyAV reads them all: the DALI error is not about one clip
             self._stop()
             raise LoaderError(f"DALI failed on batch {batch} of epoch {epoch} and every clip "
