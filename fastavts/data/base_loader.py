@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import Config
 from .dataset import Dataset
-from .decode_cost import DecodeCount, clip_decoded_frames, keyframe_interval
+from .decode_cost import DecodeCount, keyframe_interval, plan_decoded_frames
 from .sampler import Sampler
 
 
@@ -80,6 +80,8 @@ def pin_meta(batch: dict) -> dict:
 class BaseLoader(ABC):
     """Position, fault accounting and the sampler; subclasses decode."""
     kind = "base"
+    # the reader decodes a batch's clips of one video in shared passes (decode_cost.py)
+    shares_spans = False
 
     def __init__(self, cfg: Config, root: str | Path, *, mode: str = "train", rank: int = 0,
                  world_size: int = 1, total_epochs: int = 1,
@@ -159,7 +161,8 @@ class BaseLoader(ABC):
         """A delivered batch's decoding (a seeking reader; data/decode_cost.py)."""
         d = self.cfg.data
         self.decode_count.add(
-            clip_decoded_frames(plan, self.sampler.videos, d, self.keyframe_interval).sum(),
+            plan_decoded_frames(plan, self.sampler.videos, d, self.keyframe_interval,
+                                shared=self.shares_spans),
             len(plan["clip_video"]) * d.clip_frames)
 
     @abstractmethod

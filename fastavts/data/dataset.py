@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .audio_bank import AudioBank
+from .decode_cost import decode_runs, keyframe_interval
 from .manifest import MANIFEST, REJECTED, read_jsonl
 
 _local = threading.local()
@@ -44,12 +45,14 @@ def _rgb24(frame) -> np.ndarray:
 
 
 class Dataset:
+    shares_spans = True   # frames() reads a video's clips asked together in shared passes
     def __init__(self, root: Path, videos: list[dict], rejected: list[dict]):
         self.root = root
         # FFmpeg frame threads speed up one reader; loader workers, many in parallel, set this
         # to False (threads in every worker only compete, and they outlive a killed worker).
         self.codec_threads = True
         self.decoded_frames = 0   # frames frames() has decoded (data/decode_cost.py)
+        self.keyframe_interval = keyframe_interval(root)
         self.videos = videos
         self.rejected = rejected
         self.by_id = {v["id"]: v for v in videos}
@@ -105,7 +108,10 @@ class Dataset:
                                 start_s, duration_s)
 
     def frames(self, video_id: str, indices: Sequence[int]) -> np.ndarray:
-        """uint8 (T, H, W, 3) RGB frames at the given frame indices (any order, repeats ok)."""
+        """uint8 (T, H, W, 3) RGB frames at the given frame indices (any order, repeats ok).
+        Several clips of a video asked for in one call are read in one pass where their spans
+        overlap or nearly touch (decode_cost.decode_runs), with the same pixels as asked for
+        one by one."""
         import av
 
         v = self._video(video_id)
@@ -129,21 +135,23 @@ class Dataset:
                     s.thread_type = "AUTO"
                 else:
                     s.codec_context.thread_count = 1
-                first = need[0] - lo
-                if first > 0:  # seek to the keyframe at or before the first wanted frame
-                    c.seek(int(first / fps / s.time_base), stream=s, backward=True)
-                left = set(need)
-                for f in c.decode(s):
-                    self.decoded_frames += 1
-                    i = lo + int(round(f.time * fps))
-                    if i in left:
-                        a = _rgb24(f)
-                        for pos in want[i]:
-                            out[pos] = a
-                        left.discard(i)
-                        if not left:
-                            break
-                if left:
-                    raise RuntimeError(f"frames {sorted(left)[:5]} of '{video_id}' could not "
-                                       f"be decoded from {seg['path']}")
+                # one pass per run of frames close enough to decode on through (decode_cost.py)
+                for run in decode_runs(need, lo, self.keyframe_interval):
+                    first = run[0] - lo
+                    if first > 0:  # seek to the keyframe at or before the run's first frame
+                        c.seek(int(first / fps / s.time_base), stream=s, backward=True)
+                    left = set(run)
+                    for f in c.decode(s):
+                        self.decoded_frames += 1
+                        i = lo + int(round(f.time * fps))
+                        if i in left:
+                            a = _rgb24(f)
+                            for pos in want[i]:
+                                out[pos] = a
+                            left.discard(i)
+                            if not left:
+                                break
+                    if left:
+                        raise RuntimeError(f"frames {sorted(left)[:5]} of '{video_id}' could "
+                                           f"not be decoded from {seg['path']}")
         return out

@@ -58,4 +58,5 @@ class DecordFrames:
 
 class DecordLoader(PyAVLoader):
     kind = "decord"
+    shares_spans = False   # each clip its own get_batch
     frame_reader = DecordFrames

@@ -61,20 +61,30 @@ def build_batch(ds, videos: list[dict], plan: dict, d, geo: AudioGeometry, logme
     crops = np.empty((len(plan["clip_video"]), T, c, c, 3), np.uint8)
     bad = {}
     with rng("decode"):
-        for i, vi in enumerate(plan["clip_video"]):
+        for vi, clips in _clips_by_video(plan, shared=getattr(ds, "shares_spans", False)):
             v = videos[vi]
-            idx = plan["clip_frame"][i] + s * np.arange(T)
+            idx = [plan["clip_frame"][i] + s * np.arange(T) for i in clips]
             try:
-                frames = ds.frames(v["id"], idx)
-                y, x = int(plan["crop_y"][i]), int(plan["crop_x"][i])
-                cut = frames[:, y:y + c, x:x + c]
-                if cut.shape[1:3] != (c, c):
-                    raise ValueError(f"frames of {v['id']} are {frames.shape[2]}x"
-                                     f"{frames.shape[1]}, too small for a {c}-px crop at "
-                                     f"({x}, {y})")
-                crops[i] = cut[:, :, ::-1] if plan["flip"][i] else cut
-            except Exception as e:  # a damaged file: replaced below, counted by the parent
-                bad[i] = f"{type(e).__name__}: {e}"
+                frames = ds.frames(v["id"], np.concatenate(idx))
+            except Exception as e:
+                if len(clips) == 1:   # a damaged file: replaced below, counted by the parent
+                    bad[clips[0]] = f"{type(e).__name__}: {e}"
+                    continue
+                # read together, one damaged clip fails them all: each alone says which
+                frames = None
+            for j, i in enumerate(clips):
+                try:
+                    f = ds.frames(v["id"], idx[j]) if frames is None else \
+                        frames[j * T:(j + 1) * T]
+                    y, x = int(plan["crop_y"][i]), int(plan["crop_x"][i])
+                    cut = f[:, y:y + c, x:x + c]
+                    if cut.shape[1:3] != (c, c):
+                        raise ValueError(f"frames of {v['id']} are {f.shape[2]}x"
+                                         f"{f.shape[1]}, too small for a {c}-px crop at "
+                                         f"({x}, {y})")
+                    crops[i] = cut[:, :, ::-1] if plan["flip"][i] else cut
+                except Exception as e:
+                    bad[i] = f"{type(e).__name__}: {e}"
         if bad:
             plan = substitute(plan, set(bad))
             for i, j in plan["donor"].items():
@@ -92,8 +102,20 @@ def build_batch(ds, videos: list[dict], plan: dict, d, geo: AudioGeometry, logme
     return out
 
 
+def _clips_by_video(plan: dict, shared: bool) -> list[tuple[int, list[int]]]:
+    """(video index, clip positions) in the plan's order: a video's clips together where the
+    reader decodes them in shared passes (Dataset.frames), else each clip alone."""
+    if not shared:
+        return [(int(vi), [i]) for i, vi in enumerate(plan["clip_video"])]
+    groups: dict[int, list[int]] = {}
+    for i, vi in enumerate(plan["clip_video"]):
+        groups.setdefault(int(vi), []).append(i)
+    return list(groups.items())
+
+
 class PyAVLoader(BaseLoader):
     kind = "pyav"
+    shares_spans = True   # Dataset.frames reads a video's clips in shared passes
     # a class whose instances wrap a Dataset and give .frames(id, indices) and .bank; None =
     # the Dataset's own PyAV decoding
     frame_reader = None
