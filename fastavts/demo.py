@@ -12,7 +12,9 @@ stages see 8 time steps), InfoNCE over in-batch pairs with a video's two clips i
 batch (each clip's sound is a hard negative for the other: sampler.group_clips), VP9, and the
 in-memory loader (the 160 videos fit in RAM decoded, so each is decoded once and batches are
 cut from memory); channels_last_3d off (the tiny convolutions run slower in it on a CPU).
-On a GPU: R(2+1)D-18 on 16 x 112 x 112 with H.264 for NVDEC and DALI, the same pairing.
+On a GPU: R(2+1)D-18 on 16 x 112 x 112 with H.264 for NVDEC and DALI, the same pairing, the
+videos prepared at 12.5 fps (the same 16 frames 80 ms apart, stride 1) with a keyframe every 4
+frames, so a clip decodes little more than its own frames.
 
 What the demo achieves is in docs/training.md ("The demo"); how the preset was found (profiles,
 recipes tried, error analysis) in docs/journal/2026-12-02-cpu-demo-three-passes.md. A change of
@@ -35,6 +37,9 @@ CPU_PRESET = [
     "train.channels_last=false", "train.epochs=230",
 ]
 GPU_PRESET = [
+    # stored at the rate training samples (the stride folded into prepare) with a keyframe
+    # every 4 frames: a clip decodes 17.5 frames for its 16, not 38.5 (data/decode_cost.py)
+    "data.fps=12.5", "data.frame_stride=1", "prepare.keyframe_interval=4",
     "prepare.codec=h264", "model.video=r2plus1d_18", "model.audio=default",
     "loss.kind=infonce", "sampler.pairs=inbatch", "sampler.k=0", "sampler.group_clips=true",
     "sampler.curriculum=[[0.0,1.0]]",
@@ -75,7 +80,9 @@ def prepare_demo_data(cfg: Config, root: Path = Path("data/demo"), progress: boo
     from .data.synth import synthesize
 
     key = json.dumps(dict(videos=cfg.train.demo_videos, heldout=cfg.train.demo_heldout,
-                          seed=cfg.synth.seed, codec=cfg.prepare.codec,
+                          seed=cfg.synth.seed, codec=cfg.prepare.codec, fps=cfg.data.fps,
+                          keyframe_interval=cfg.prepare.keyframe_interval,
+                          segment_seconds=cfg.prepare.segment_seconds, crf=cfg.prepare.crf,
                           short_side=cfg.prepare.short_side, width=cfg.synth.width,
                           height=cfg.synth.height, sample_rate=cfg.synth.sample_rate),
                      sort_keys=True)

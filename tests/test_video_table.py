@@ -15,8 +15,84 @@ from fastavts.data.sampler import Sampler
 from fastavts.data.video_table import VideoTable
 
 
-def _as_dicts(records, ranges):
-    return [dict(r, _ranges=rg) for r, rg in zip(records, ranges)]
+def _reference_ranges(v: dict, clip_span: int, window_s: float):
+    """A video's clip ranges worked out one segment at a time in plain Python (the sampler's
+    rule, as its docstring says it): per segment the starts whose frames stay inside it,
+    narrowed to those whose audio window lies in the sound; where no segment has one, the
+    whole ranges, flagged False; None where no segment holds a clip."""
+    fps = v["fps"]
+    a_lo = max(0.0, v["audio_start"])
+    a_hi = min(v["duration"], v["audio_start"] + v["audio_duration"]) - window_s
+    out = []
+    for s in v["segments"]:
+        lo, hi = s["start_frame"], s["start_frame"] + s["num_frames"] - clip_span
+        if hi < lo:
+            continue
+        f_lo = max(lo, int(np.ceil(a_lo * fps - 1e-6)))
+        f_hi = min(hi, int(np.floor(a_hi * fps + 1e-6)))
+        out.append((f_lo, f_hi, True) if f_lo <= f_hi else (lo, hi, False))
+    if not out:
+        return None
+    return [r for r in out if r[2]] or out
+
+
+def _usable_as_dicts(videos, clip_span, window_s):
+    """The sampler's videos as it held them before its columns: dicts in id order."""
+    kept, skipped = [], []
+    for v in sorted(videos, key=lambda v: v["id"]):
+        r = _reference_ranges(v, clip_span, window_s)
+        if r is None:
+            skipped.append(v["id"])
+        else:
+            kept.append(dict(v, _ranges=r))
+    return kept, skipped
+
+
+def _ugly_manifest(n: int, seed: int) -> list[dict]:
+    """Rows with what real sets have: several segments, segments shorter than a clip, sound
+    starting late or ending early or shorter than a window, no sound, ids out of order and
+    not ASCII, paths of any length, rows without a codec."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in rng.permutation(n):
+        fps = float(rng.choice([12.5, 25.0, 29.97, 30.0]))
+        nseg = int(rng.integers(0, 4))
+        segs, start = [], 0
+        for j in range(nseg):
+            k = int(rng.integers(5, 200))
+            segs.append(dict(path=f"videos/{i}/seg{j}{'é' * int(rng.integers(0, 3))}.mp4",
+                             start_frame=start, num_frames=k))
+            start += k
+        dur = start / fps
+        a0 = float(rng.choice([0.0, rng.uniform(-1, 2), rng.uniform(0, dur + 1),
+                               int(rng.integers(0, 50)) * 0.04]))   # on frames, give or take
+        # a rounding error: the rule's 1e-6 tolerance decides
+        ad = float(rng.choice([0.0, rng.uniform(0, 2), rng.uniform(0, dur + 2)]))
+        row = dict(id=f"v{i:05d}" + ("ü" if i % 7 == 0 else ""), fps=fps, num_frames=start,
+                   duration=dur, width=64, height=48, audio_start=a0, audio_duration=ad,
+                   audio_offset=int(i) * 10, audio_samples=int(ad * 16000), segments=segs)
+        if i % 5:
+            row["codec"] = ["h264", "vp9"][int(i) % 2]
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_clip_ranges_and_order_equal_the_reference(seed):
+    """The ranges computed for all segments at once equal the plain per-segment rule, video
+    by video; the table is in id order and skips exactly the videos without a clip."""
+    rows = _ugly_manifest(400, seed)
+    for span, window in ((32, 1.28), (16, 1.28), (120, 4.0)):
+        table, skipped = sampler_mod._usable_videos(rows, span, window)
+        want, want_skipped = _usable_as_dicts(rows, span, window)
+        assert skipped == want_skipped and len(want_skipped) > 0
+        assert len(table) == len(want) > 0
+        assert any(not r[2] for v in want for r in v["_ranges"])        # padded windows too
+        assert any(len(v["segments"]) > 1 for v in want)
+        for got, w in zip(table, want):
+            assert got["id"] == w["id"] and got["_ranges"] == w["_ranges"], w["id"]
+            assert got["segments"] == w["segments"] and got.get("codec") == w.get("codec")
+            assert got["audio_start"] == w["audio_start"] and got["fps"] == w["fps"]
 
 
 def test_records_read_back_as_the_manifest_rows(prepared):
@@ -62,7 +138,7 @@ def test_plans_equal_those_made_from_the_rows_as_dicts(prepared, monkeypatch, ov
         return Sampler(rows, cfg.data, cfg.sampler, 4, mode=mode, rank=1, world_size=2,
                        total_epochs=3)
     columns = make()
-    monkeypatch.setattr(sampler_mod, "VideoTable", _as_dicts)
+    monkeypatch.setattr(sampler_mod, "_usable_videos", _usable_as_dicts)
     dicts = make()
     assert columns.fingerprint() == dicts.fingerprint()
     assert len(columns) == len(dicts) > 0

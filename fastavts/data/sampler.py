@@ -84,21 +84,11 @@ class Sampler:
         self.clip_span = data.clip_frames * data.frame_stride   # frames a clip's window covers
         self.window_s = self.clip_span / data.fps               # 1.28 s by default
         self.crop = data.crop
-        kept, ranges, self.skipped = [], [], []
-        # in id order, not manifest order: prepare appends rows as its workers finish, so the
-        # manifest order of the same inputs varies with the load; plans must not
-        for v in sorted(videos, key=lambda v: v["id"]):
-            r = self._clip_ranges(v)
-            if r is None:
-                self.skipped.append(v["id"])
-            else:
-                kept.append(v)
-                ranges.append(r)
         # columns, not dicts: every worker process receives the sampler (video_table.py)
-        self.videos = VideoTable(kept, ranges)
+        self.videos, self.skipped = _usable_videos(videos, self.clip_span, self.window_s)
         if len(self.videos) < 2:
             raise ConfigError(f"the sampler needs at least 2 usable videos (easy negatives come "
-                             f"from other videos), got {len(kept)} of {len(videos)}")
+                             f"from other videos), got {len(self.videos)} of {len(videos)}")
         self.items_per_epoch = len(self.videos) * cfg.clips_per_video
         per_rank = self.items_per_epoch // world_size
         if mode == "train" and cfg.group_clips:   # whole videos are dealt to the ranks
@@ -129,27 +119,6 @@ class Sampler:
     # ---------------------------------------------------------------------------------------
     # per-video geometry
 
-    def _clip_ranges(self, v: dict) -> list[tuple[int, int, bool]] | None:
-        """Inclusive ranges [lo, hi] of clip start frames whose frames stay in one segment,
-        each flagged whether its audio window also lies inside the recorded sound."""
-        fps = v["fps"]
-        a_lo = max(0.0, v["audio_start"])
-        a_hi = min(v["duration"], v["audio_start"] + v["audio_duration"]) - self.window_s
-        out = []
-        for s in v["segments"]:
-            lo, hi = s["start_frame"], s["start_frame"] + s["num_frames"] - self.clip_span
-            if hi < lo:
-                continue
-            f_lo, f_hi = max(lo, int(np.ceil(a_lo * fps - 1e-6))), min(hi, int(np.floor(a_hi * fps + 1e-6)))
-            if f_lo <= f_hi:
-                out.append((f_lo, f_hi, True))
-            else:
-                out.append((lo, hi, False))  # no start with full sound: the window is padded
-        if not out:
-            return None
-        good = [r for r in out if r[2]]
-        return good or out
-
     def audio_range(self, v: dict) -> tuple[float, float]:
         """[lo, hi] of audio window starts inside both the video and its sound."""
         lo = max(0.0, v["audio_start"])
@@ -163,9 +132,12 @@ class Sampler:
         t = self.videos
         if not hasattr(t, "rng_ptr"):
             return self.audio_range(t[vi])
-        return self.audio_range(dict(audio_start=float(t.audio_start[vi]),
-                                     duration=float(t.duration[vi]),
-                                     audio_duration=float(t.audio_duration[vi])))
+        start, dur = float(t.audio_start[vi]), float(t.duration[vi])
+        lo = max(0.0, start)   # audio_range's arithmetic, on the columns' floats
+        hi = min(dur, start + float(t.audio_duration[vi])) - self.window_s
+        if hi < lo:
+            lo, hi = 0.0, max(0.0, dur - self.window_s)
+        return lo, hi
 
     # ---------------------------------------------------------------------------------------
     # epochs and shards
@@ -251,19 +223,29 @@ class Sampler:
         crop_x = np.empty(B, np.int64)
         flip = np.zeros(B, bool)
         tab = self.videos if hasattr(self.videos, "rng_ptr") else None   # a VideoTable
-        for i, (vi, it) in enumerate(zip(clip_video, items)):
+        if tab is not None:   # the batch's rows of the columns, as Python ints, at once
+            r0, r1 = tab.rng_ptr[clip_video].tolist(), tab.rng_ptr[clip_video + 1].tolist()
+            s0, s1 = tab.seg_ptr[clip_video].tolist(), tab.seg_ptr[clip_video + 1].tolist()
+            hw = (np.stack([tab.height[clip_video], tab.width[clip_video]], 1).tolist()
+                  if self.frame_size is None else [self.frame_size] * B)
+        which = (items % cpv).tolist()
+        for i, vi in enumerate(clip_video.tolist()):
             if tab is not None:   # the columns read directly (a plan in well under 1 ms)
-                p0, p1 = tab.rng_ptr[vi], tab.rng_ptr[vi + 1]
-                clip_frame[i] = _start_in(tab.rng_lo[p0:p1], tab.rng_hi[p0:p1],
-                                          int(it % cpv), self.cfg.clips_per_video,
-                                          self.mode, rng)
-                s0, s1 = tab.seg_ptr[vi], tab.seg_ptr[vi + 1]
-                clip_segment[i] = _segment_in(tab.seg_start[s0:s1], tab.seg_frames[s0:s1],
-                                              clip_frame[i], tab.ids[vi])
-                h, w = self.frame_size or (int(tab.height[vi]), int(tab.width[vi]))
+                if r1[i] - r0[i] == 1:   # one range (most videos): _start_in, without arrays
+                    lo, hi = int(tab.rng_lo[r0[i]]), int(tab.rng_hi[r0[i]])
+                    n = hi - lo + 1
+                    f = lo + (int(rng.integers(0, n)) if self.mode == "train"
+                              else int((which[i] + 0.5) * n / cpv))
+                else:
+                    f = _start_in(tab.rng_lo[r0[i]:r1[i]], tab.rng_hi[r0[i]:r1[i]], which[i],
+                                  cpv, self.mode, rng)
+                clip_frame[i] = f
+                clip_segment[i] = 0 if s1[i] - s0[i] == 1 else _segment_in(
+                    tab.seg_start[s0[i]:s1[i]], tab.seg_frames[s0[i]:s1[i]], f, tab, vi)
+                h, w = hw[i]
             else:
                 v = self.videos[vi]
-                clip_frame[i] = self._clip_start(v, int(it % cpv), rng)
+                clip_frame[i] = self._clip_start(v, which[i], rng)
                 clip_segment[i] = _segment_of(v, clip_frame[i])
                 h, w = self.frame_size or (v["height"], v["width"])
             if h < self.crop or w < self.crop:
@@ -413,6 +395,42 @@ class Sampler:
             self.epoch, self.next_batch = self.epoch + 1, 0
 
 
+def _usable_videos(videos: list[dict], clip_span: int, window_s: float
+                   ) -> tuple[VideoTable, list[str]]:
+    """The videos that hold a clip, as a VideoTable in id order (not manifest order: prepare
+    appends rows as its workers finish, so the manifest order of the same inputs varies with
+    the load; plans must not), with their clip ranges; and the ids of the others, in id order.
+
+    A video's clip ranges are, per segment, the inclusive range of start frames whose
+    `clip_span` frames stay in the segment, narrowed to the starts whose audio window of
+    `window_s` seconds lies inside the recorded sound (flagged True); where no segment has
+    such a start, the segments' whole ranges (flagged False: the window is padded). Computed
+    for all segments at once (2M videos in well under a second)."""
+    ids = [v["id"] for v in videos]
+    t = VideoTable([videos[i] for i in sorted(range(len(ids)), key=ids.__getitem__)])
+    del ids
+    n = len(t)
+    owner = np.repeat(np.arange(n, dtype=np.int64), np.diff(t.seg_ptr))
+    fps = t.fps[owner]
+    a_lo = np.maximum(0.0, t.audio_start)[owner]
+    a_hi = (np.minimum(t.duration, t.audio_start + t.audio_duration) - window_s)[owner]
+    lo = t.seg_start
+    hi = t.seg_start + t.seg_frames - clip_span
+    fits = hi >= lo
+    f_lo = np.maximum(lo, np.ceil(a_lo * fps - 1e-6).astype(np.int64))
+    f_hi = np.minimum(hi, np.floor(a_hi * fps + 1e-6).astype(np.int64))
+    sound = fits & (f_lo <= f_hi)
+    any_sound = np.bincount(owner[sound], minlength=n) > 0
+    keep = fits & (sound | ~any_sound[owner])
+    per_video = np.bincount(owner[keep], minlength=n)
+    t.set_ranges(np.where(sound, f_lo, lo)[keep], np.where(sound, f_hi, hi)[keep], sound[keep],
+                 np.concatenate([[0], per_video.cumsum()]))
+    usable = per_video > 0
+    if usable.all():
+        return t, []
+    return t.take(np.flatnonzero(usable)), [t.ids[int(i)] for i in np.flatnonzero(~usable)]
+
+
 def _start_in(lo: np.ndarray, hi: np.ndarray, clip: int, clips_per_video: int, mode: str,
               rng) -> int:
     """A clip's start frame among the ranges [lo, hi]: drawn in training, evenly spaced and
@@ -430,11 +448,11 @@ def _start_in(lo: np.ndarray, hi: np.ndarray, clip: int, clips_per_video: int, m
     return int(hi[-1])
 
 
-def _segment_in(starts: np.ndarray, frames: np.ndarray, frame: int, video_id: str) -> int:
+def _segment_in(starts: np.ndarray, frames: np.ndarray, frame: int, table, vi: int) -> int:
     for j, (a, n) in enumerate(zip(starts.tolist(), frames.tolist())):
         if a <= frame < a + n:
             return j
-    raise ValueError(f"frame {frame} is outside video {video_id}")
+    raise ValueError(f"frame {frame} is outside video {table.ids[vi]}")
 
 
 def _segment_of(v: dict, frame: int) -> int:
