@@ -223,3 +223,107 @@ def test_grouped_clips_share_their_batch_and_give_hard_pairs(world, cpv):
     together = [set(np.bincount(flat.plan(2, b)["clip_video"]).tolist()) <= {0, cpv}
                 for b in range(len(flat))]
     assert not any(together)
+
+
+# --------------------------------------------------------------------------------------------
+# the distributions docs/data.md states (train mode), against their own definitions
+
+def _two_segment_videos(n=40):
+    """Videos of two segments, 60 and 200 frames at 25 fps, sound over all of them: clip ranges
+    [0, 28] and [60, 228] at 16 frames every 2nd (29 and 169 starts)."""
+    return [dict(id=f"v{i:02d}", fps=25.0, num_frames=260, duration=10.4, width=160,
+                 height=128, audio_start=0.0, audio_duration=10.4,
+                 segments=[dict(path=f"v{i}a.webm", start_frame=0, num_frames=60),
+                           dict(path=f"v{i}b.webm", start_frame=60, num_frames=200)])
+            for i in range(n)]
+
+
+def _chi2_ok(counts, probs, alpha_z=3.7):
+    """Pearson's chi-square of counts against probabilities below its 1e-4 upper quantile
+    (Wilson-Hilferty: z = 3.7)."""
+    counts, probs = np.asarray(counts, float), np.asarray(probs, float)
+    exp = counts.sum() * probs
+    stat = ((counts - exp) ** 2 / exp).sum()
+    k = len(counts) - 1
+    limit = k * (1 - 2 / (9 * k) + alpha_z * np.sqrt(2 / (9 * k))) ** 3
+    return stat < limit, stat, limit
+
+
+def _ks_uniform_ok(u, c=1.95):
+    """Kolmogorov-Smirnov of samples u against U(0, 1), below its 1e-3 critical value."""
+    u = np.sort(np.asarray(u))
+    n = len(u)
+    d = max((np.arange(1, n + 1) / n - u).max(), (u - np.arange(n) / n).max())
+    return d < c / np.sqrt(n), d
+
+
+def _plans(s, epochs):
+    return [s.plan(e, b) for e in range(epochs) for b in range(len(s))]
+
+
+def test_clip_starts_crops_and_flips_are_uniform():
+    """A clip's start is uniform over all its video's start frames (each range weighs its
+    length: 29 against 169), its crop offsets uniform, its flip a fair coin."""
+    s, _ = make("sampler.clips_per_video=16", videos=_two_segment_videos(), batch=64)
+    plans = _plans(s, 30)
+    starts = np.concatenate([p["clip_frame"] for p in plans])
+    valid = np.r_[0:29, 60:229]
+    assert np.isin(starts, valid).all() and len(starts) >= 19000
+    counts = np.array([(starts == f).sum() for f in valid])
+    ok, stat, limit = _chi2_ok(counts, np.full(len(valid), 1 / len(valid)))
+    assert ok, (stat, limit)
+    assert abs((starts < 60).mean() - 29 / 198) < 0.015   # not range first, then a start
+    for key, size in (("crop_y", 128 - 112 + 1), ("crop_x", 160 - 112 + 1)):
+        v = np.concatenate([p[key] for p in plans])
+        ok, stat, limit = _chi2_ok(np.bincount(v, minlength=size), np.full(size, 1 / size))
+        assert ok and v.min() == 0 and v.max() == size - 1, (key, stat, limit)
+    flips = np.concatenate([p["flip"] for p in plans])
+    assert abs(flips.mean() - 0.5) < 4 * 0.5 / np.sqrt(len(flips))
+
+
+def test_negative_shifts_and_roles_are_as_documented():
+    """Paired, half positives: a negative is super-hard with sampler.superhard_share, hard with
+    (1 - that) x the curriculum's share, else easy. A hard window's start is uniform over the
+    video's audio range less [t0 - hard_min_shift, t0 + hard_min_shift] (both sides, by their
+    lengths), a super-hard one's over the shifts in [superhard_min_shift, hard_min_shift), an
+    easy one's over another video's audio range, the video uniform among the others.
+    Checked by the probability integral transform: each start mapped through the CDF of its
+    own allowed set is U(0, 1)."""
+    vids = fake_videos(n=30, seed=3)
+    s, cfg = make("sampler.curriculum=[[0,0.5]]", "sampler.superhard_share=0.2",
+                  "sampler.clips_per_video=8", videos=vids, batch=48)
+    sm = cfg.sampler
+    u = {HARD: [], SUPERHARD: [], EASY: []}
+    roles, others, fallbacks = [], [], 0
+    for p in _plans(s, 16):
+        fallbacks += p["fallback_easy"]
+        for i in range(len(p["role"])):
+            k, t0, t = int(p["role"][i]), p["clip_t0"][p["audio_owner"][i]], p["audio_t0"][i]
+            roles.append(k)
+            if k == POSITIVE:
+                continue
+            lo, hi = s.audio_range(s.videos[int(p["audio_video"][i])])
+            if k == EASY:
+                u[EASY].append((t - lo) / (hi - lo))
+                cv = int(p["clip_video"][p["audio_owner"][i]])
+                others.append(int(p["audio_video"][i]) - (int(p["audio_video"][i]) > cv))
+                continue
+            near, far = ((sm.hard_min_shift, np.inf) if k == HARD
+                         else (sm.superhard_min_shift, sm.hard_min_shift))
+            pieces = [(max(lo, t0 - far), min(hi, t0 - near)), (max(lo, t0 + near), min(hi, t0 + far))]
+            pieces = [(a, b) for a, b in pieces if b > a]
+            total = sum(b - a for a, b in pieces)
+            below = sum(min(max(t - a, 0), b - a) for a, b in pieces)
+            u[k].append(below / total)
+    roles = np.array(roles)
+    neg = roles[roles != POSITIVE]
+    assert (roles == POSITIVE).mean() == 0.5 and fallbacks == 0   # 4-12 s videos: room
+    for k, want in ((SUPERHARD, 0.2), (HARD, 0.8 * 0.5), (EASY, 0.8 * 0.5)):
+        got = (neg == k).mean()
+        assert abs(got - want) < 4 * np.sqrt(want * (1 - want) / len(neg)) + 0.01, (k, got, want)
+    for k, vals in u.items():   # the sample grid moves a start by < 1/16000 s: inside the test
+        assert len(vals) > 300, k
+        ok, d = _ks_uniform_ok(np.clip(vals, 0, 1))
+        assert ok, (k, d, len(vals))
+    ok, stat, limit = _chi2_ok(np.bincount(others, minlength=29), np.full(29, 1 / 29))
+    assert ok, (stat, limit)
