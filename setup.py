@@ -41,10 +41,13 @@ setup(
     ],
     extras_require={"test": ["pytest>=8,<10", "matplotlib>=3.8,<4", "wandb>=0.16,<1",
                              "decord>=0.6,<0.7",   # loader.kind=decord, a benchmark baseline
+                             "spdl-io>=0.8,<0.9", "spdl-core>=0.8,<0.9",   # loader.kind=spdl
                              "ruff>=0.17,<0.18"],  # .ci/run lints with ruff.toml
                     "bench": ["matplotlib>=3.8,<4"],    # bench/plot.py
                     "wandb": ["wandb>=0.16,<1"],        # train.loggers=[tensorboard,wandb]
                     "decord": ["decord>=0.6,<0.7"],     # loader.kind=decord (bench_data.py)
+                    # loader.kind=spdl (it also needs FFmpeg's shared libraries: its docs)
+                    "spdl": ["spdl-io>=0.8,<0.9", "spdl-core>=0.8,<0.9"],
                     # bench/bench_decoders.py's peers (SPDL also needs FFmpeg's shared libs)
                     "peers": ["decord>=0.6,<0.7", "spdl-io>=0.8,<0.9", "spdl-core>=0.8,<0.9"]},
     entry_points={"console_scripts": ["fastavts=fastavts.cli:main"]},

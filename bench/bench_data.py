@@ -29,14 +29,20 @@ from pathlib import Path
 from common import HERE, Rows, context, peak_rss_mb, synthetic_input
 
 
+SAMPLED_RATE = ["data.fps=12.5", "data.frame_stride=1", "prepare.keyframe_interval=4"]
+
+
 def prepared_set(args) -> Path:
     from fastavts.config import build_config
     from fastavts.data.prepare import prepare
 
     codec = "vp9" if args.device == "cpu" else "h264"
     src = synthetic_input(args.cache, args.videos, args.seconds, codec)
-    out = Path(args.cache) / f"prepared_{codec}_{args.videos}x{args.seconds:g}s"
-    prepare(src, out, build_config(overrides=[f"prepare.codec={codec}"]), progress=False)
+    tag = "_sampled_rate" if args.sampled_rate else ""
+    out = Path(args.cache) / f"prepared_{codec}_{args.videos}x{args.seconds:g}s{tag}"
+    prepare(src, out, build_config(overrides=[f"prepare.codec={codec}",
+                                              *(SAMPLED_RATE if args.sampled_rate else [])]),
+            progress=False)
     return out
 
 
@@ -83,6 +89,9 @@ def decoder_batches(root: Path, args, cfg):
     return _Loader()
 
 
+WORKER_LOADERS = ("pyav", "decord", "spdl")   # DataLoader workers (--pyav-workers)
+
+
 def run_one(kind: str, root: Path, args, pipelines: int = 0) -> dict:
     import torch
 
@@ -93,7 +102,9 @@ def run_one(kind: str, root: Path, args, pipelines: int = 0) -> dict:
     cfg = build_config(overrides=[
         f"loader.device={args.device}", f"loader.batch_size={args.batch_size}",
         f"loader.kind={'dali' if kind == 'decoder' else kind}",
-        f"loader.workers={args.pyav_workers if kind in ('pyav', 'decord') else args.workers}",
+        f"loader.workers={args.pyav_workers if kind in WORKER_LOADERS else args.workers}",
+        f"loader.ffmpeg_libs={args.ffmpeg_libs if kind == 'spdl' else ''}",
+        *(SAMPLED_RATE[:2] if args.sampled_rate else []),
         f"loader.threads={args.threads}",
         f"loader.video_pipelines={pipelines}",
         f"sampler.pairs={args.pairs}", f"sampler.clips_per_video={args.clips_per_video}"])
@@ -141,9 +152,16 @@ def run_one(kind: str, root: Path, args, pipelines: int = 0) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    ap.add_argument("--loader", nargs="+", choices=["dali", "pyav", "decord", "decoder"],
+    ap.add_argument("--loader", nargs="+",
+                    choices=["dali", "pyav", "decord", "spdl", "decoder"],
                     default=["dali", "pyav"],
-                    help="decord: pip install decord; decoder: DALI's video decoder alone")
+                    help="decord: pip install decord; spdl: pip install 'fastavts[spdl]' "
+                    "(--ffmpeg-libs); decoder: DALI's video decoder alone")
+    ap.add_argument("--ffmpeg-libs", default="pyav",
+                    help="loader.ffmpeg_libs for spdl (default: PyAV's bundled FFmpeg)")
+    ap.add_argument("--sampled-rate", action="store_true",
+                    help="prepare the set at the rate training samples: 12.5 fps, stride 1, a "
+                    "keyframe every 4 frames (the GPU preset's)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", type=int, default=os.cpu_count(),
                     help="PyAV DataLoader workers; DALI source workers per pipeline")
@@ -184,9 +202,9 @@ def main() -> int:
     for kind, pipes in runs[:1] if args.once else runs:
         r = run_one(kind, root, args, pipes)
         r.update(bench="data", device=args.device, batch_size=args.batch_size,
-                 workers=(args.pyav_workers if kind in ("pyav", "decord") else
+                 workers=(args.pyav_workers if kind in WORKER_LOADERS else
                           0 if kind == "decoder" else args.workers),
-                 pairs=args.pairs, data=str(root), **ctx)
+                 pairs=args.pairs, data=str(root), sampled_rate=args.sampled_rate, **ctx)
         rows.add(r)
         extra = (f", {r['video_pipelines']} pipeline(s) x {r['threads']} threads"
                  if kind in ("dali", "decoder") else "")
@@ -197,9 +215,11 @@ def main() -> int:
               f"{args.batches} batches of {args.batch_size}), peak RSS {r['peak_rss_mb']} MB, "
               f"{r['workers']} workers{extra}{gpu}")
     best = {k: max((r["clips_per_s_median"] for r in rows.rows if r["loader"] == k), default=None)
-            for k in ("dali", "pyav", "decord", "decoder")}
+            for k in ("dali", "pyav", "decord", "spdl", "decoder")}
     if best["dali"] and best["pyav"]:
         print(f"dali (best) / pyav = {best['dali'] / best['pyav']:.2f}")
+    if best["spdl"] and best["dali"]:
+        print(f"spdl / dali (best) = {best['spdl'] / best['dali']:.2f}")
     if best["dali"] and best["decord"]:
         print(f"dali (best) / decord = {best['dali'] / best['decord']:.2f}")
     if best["dali"] and best["decoder"]:

@@ -198,24 +198,9 @@ def child(args) -> None:
 
 def borrowed_ffmpeg() -> str:
     """A folder of PyAV's bundled FFmpeg libraries under their sonames (libavcodec.so.62 ...),
-    for decoders that load FFmpeg by soname."""
-    import glob
-    import re
-    import shutil
-
-    import av
-
-    libs = Path(av.__file__).parent.parent / "av.libs"
-    out = Path(tempfile.gettempdir()) / "fastavts_ffmpeg_libs"
-    if not out.is_dir():
-        shutil.copytree(libs, out)
-    for f in glob.glob(str(out / "lib*-*.so.*")):
-        m = re.match(r"(lib\w+)-[0-9a-f]+\.so\.(\d+)", Path(f).name)
-        if m and m.group(1).startswith(("libav", "libsw")):
-            link = out / f"{m.group(1)}.so.{m.group(2)}"
-            if not link.exists():
-                link.symlink_to(Path(f).name)
-    return str(out)
+    for decoders that load FFmpeg by soname (fastavts's loader.ffmpeg_libs=pyav)."""
+    from fastavts.data.spdl_loader import pyav_ffmpeg_libs
+    return pyav_ffmpeg_libs()
 
 
 def main(argv=None) -> int:

@@ -179,8 +179,10 @@ class LoaderConfig:
                    "once (PyAV) and kept in RAM, batches cut from it in the training process "
                    "(small sets on a CPU, where decoding would take the cores the model needs); "
                    "decord: the pyav loader decoding with decord (a benchmark baseline; "
-                   "pip install decord)",
-                   choices=("dali", "pyav", "memory", "decord"))
+                   "pip install decord); spdl: the pyav loader decoding with SPDL, the "
+                   "fastest CPU decoder here (pip install 'fastavts[spdl]'; FFmpeg's shared "
+                   "libraries: loader.ffmpeg_libs)",
+                   choices=("dali", "pyav", "memory", "decord", "spdl"))
     device: str = _f("auto", "where DALI runs: gpu (mixed decoding, needs H.264/HEVC/VP9 and a "
                      "GPU), cpu (VP8/VP9/MJPEG only), auto = gpu if one is visible",
                      choices=("auto", "gpu", "cpu"))
@@ -195,6 +197,9 @@ class LoaderConfig:
                               "pipeline drives one NVDEC engine); 0 = auto: one per NVDEC "
                               "engine of the GPU (7 on H100/H200; fewer where the rank has under "
                               "2 cores a pipeline), 1 on a CPU", min=0, max=64)
+    ffmpeg_libs: str = _f("", "loader.kind=spdl: folder of FFmpeg's shared libraries "
+                          "(libavcodec.so.N) for the workers; pyav = those PyAV's wheel "
+                          "carries; empty = the system's")
     prefetch: int = _f(2, "batches prepared ahead", min=1)
     max_faults: int = _f(100, "stop after this many undecodable samples in one epoch", min=0)
     memory_gb: float = _f(8.0, "loader.kind=memory: refuse sets whose decoded frames would "
@@ -598,6 +603,12 @@ def _check_loader(cfg: Config) -> None:
             raise ConfigError("loader.kind=decord but decord is not installed: pip install "
                               "decord (or pip install 'fastavts[decord]'), or use loader.kind="
                               "pyav, memory or dali.")
+    if cfg.loader.kind == "spdl":
+        import importlib.util
+        if importlib.util.find_spec("spdl") is None:
+            raise ConfigError("loader.kind=spdl but SPDL is not installed: pip install "
+                              "'fastavts[spdl]' (spdl-io, spdl-core), or use loader.kind=pyav, "
+                              "memory or dali.")
 
 
 def _check_train(cfg: Config) -> None:

@@ -511,3 +511,49 @@ def test_a_stopped_dali_loader_releases_its_source_processes_even_while_referenc
     assert not children() & started, "source processes outlived close()"
     del held
     assert mp.active_children() is not None
+
+
+def _spdl_libs() -> str:
+    """loader.ffmpeg_libs for this machine: the system's where SPDL loads them, else PyAV's."""
+    import subprocess
+    import sys
+    ok = subprocess.run([sys.executable, "-c", "import spdl.io.lib as m; m._import_libspdl()"],
+                        capture_output=True).returncode == 0
+    return "" if ok else "pyav"
+
+
+@pytest.mark.parametrize("root", ["one_object", "segmented"])
+def test_spdl_loader_gives_the_pyav_batches(root, request):
+    """loader.kind=spdl: the PyAV loader's plans and transforms, frames decoded by SPDL (in
+    worker processes given FFmpeg's libraries): the same batches, video included, bit for
+    bit, with grouped clips read in shared passes; and the same decode count."""
+    pytest.importorskip("spdl", reason="SPDL is an optional extra (pip install 'fastavts[spdl]')")
+    root = request.getfixturevalue(root)
+    extra = ["sampler.pairs=inbatch", "sampler.k=1", "sampler.group_clips=true",
+             "sampler.clips_per_video=3", "loader.workers=1",
+             f"loader.ffmpeg_libs={_spdl_libs()}"]
+    sp, pyav = loader(root, "spdl", *extra), loader(root, "pyav", *extra)
+    n = 0
+    for a, b in zip(sp.epoch(1), pyav.epoch(1)):
+        n += 1
+        for k in (*META, "audio", "video"):
+            assert torch.equal(a[k], b[k]), k
+    assert n == len(sp) == len(pyav) > 0
+    assert sp.decode_count.decoded == pyav.decode_count.decoded > 0
+    sp.close()
+    pyav.close()
+
+
+def test_spdl_loader_says_what_it_needs(one_object, monkeypatch):
+    pytest.importorskip("spdl", reason="SPDL is an optional extra (pip install 'fastavts[spdl]')")
+    from fastavts.errors import ConfigError
+    with pytest.raises(ConfigError, match="loader.workers >= 1"):
+        loader(one_object, "spdl", "loader.workers=0", "loader.ffmpeg_libs=pyav")
+    with pytest.raises(ConfigError, match="no such folder"):
+        loader(one_object, "spdl", "loader.workers=1", "loader.ffmpeg_libs=/nonexistent")
+    empty = one_object.parent / "no_ffmpeg_here"
+    empty.mkdir(exist_ok=True)
+    monkeypatch.setenv("LD_LIBRARY_PATH", "")
+    if _spdl_libs() == "pyav":   # no system FFmpeg: the message says what to install
+        with pytest.raises(ConfigError, match="apt install libavcodec-dev"):
+            loader(one_object, "spdl", "loader.workers=1", f"loader.ffmpeg_libs={empty}")

@@ -9,8 +9,10 @@
                              # audio_owner (M or B,), hard_share, faults
 
 `loader.kind` is "dali", "pyav", "memory" (frames decoded once and kept in RAM; small sets
-on a CPU) or "decord" (the PyAV loader's workers decoding with decord, MMAction2's reader: a
-baseline for the benchmarks); all take the same plans and give the same layout.
+on a CPU), "decord" (the PyAV loader's workers decoding with decord, MMAction2's reader: a
+baseline for the benchmarks) or "spdl" (the PyAV loader's workers decoding with SPDL, the
+fastest CPU decoder; spdl_loader.py says what it needs); all take the same plans and give the
+same layout.
 `loader.state_dict()` saves the position (the sampler's), so a resumed run continues at the
 next batch. A clip that cannot be decoded is replaced by another clip of the
 same batch (with its audio windows) and counted in `batch["faults"]` and `loader.faults`.
@@ -46,5 +48,8 @@ def make_loader(cfg: Config, root: str | Path, *, mode: str = "train",
     if cfg.loader.kind == "decord":
         from .decord_loader import DecordLoader
         return DecordLoader(cfg, root, **kw)
+    if cfg.loader.kind == "spdl":
+        from .spdl_loader import SpdlLoader
+        return SpdlLoader(cfg, root, **kw)
     from .dali_loader import DALILoader
     return DALILoader(cfg, root, device=device, **kw)
