@@ -28,7 +28,6 @@ from pathlib import Path
 
 from common import HERE, Rows, context, peak_rss_mb, synthetic_input
 
-
 SAMPLED_RATE = ["data.fps=12.5", "data.frame_stride=1", "prepare.keyframe_interval=4"]
 
 

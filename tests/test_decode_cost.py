@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 
 from fastavts.data.dataset import Dataset
-from fastavts.data.decode_cost import (clip_decoded_frames, decode_runs, keyframe_interval,
-                                       plan_decoded_frames, runs_decoded_frames)
+from fastavts.data.decode_cost import (
+    clip_decoded_frames,
+    decode_runs,
+    keyframe_interval,
+    plan_decoded_frames,
+    runs_decoded_frames,
+)
 from fastavts.data.loader import make_loader
 
 from conftest import small_cfg
@@ -148,7 +153,7 @@ def test_clips_cut_from_one_pass_equal_clips_decoded_alone(prepared):
             together = ds.frames(vid, np.concatenate(idx))
             ref = refs.setdefault(vid, _reference_frames(ds, vid))
             groups_of_many += len(clips) > 1
-            for j, i in enumerate(clips):
+            for j in range(len(clips)):
                 one = alone.frames(vid, idx[j])
                 np.testing.assert_array_equal(together[j * d.clip_frames:(j + 1) * d.clip_frames], one)
                 np.testing.assert_array_equal(one, ref[idx[j]])
