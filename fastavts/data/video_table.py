@@ -72,7 +72,7 @@ class VideoTable(Sequence):
 
     def __init__(self, records: list[dict],
                  ranges: list[list[tuple[int, int, bool]]] | None = None):
-        self.ids = _Strings([r["id"] for r in records])
+        self.ids = _Strings(list(map(itemgetter("id"), records)))
         self.missing: dict[str, np.ndarray] = {}   # key -> rows without it (a KeyError there)
         for keys, dtype in ((FLOATS, np.float64), (INTS, np.int64)):
             for k in keys:
@@ -80,20 +80,24 @@ class VideoTable(Sequence):
                 if gone is not None and gone.any():
                     self.missing[k] = gone
                 setattr(self, k, col)
-        codecs = [r.get("codec") for r in records]
+        try:   # (map and itemgetter: C loops, several times faster than comprehensions)
+            codecs = list(map(itemgetter("codec"), records))
+        except KeyError:
+            codecs = [r.get("codec") for r in records]
         self.codec_names = sorted({c for c in set(codecs) if c is not None})
         index = {c: i for i, c in enumerate(self.codec_names)}
         index[None] = -1
         self.codec = np.fromiter(map(index.__getitem__, codecs), np.int16, count=len(codecs))
-        segs = [r["segments"] for r in records]
+        segs = list(map(itemgetter("segments"), records))
         n_seg = np.fromiter(map(len, segs), np.int64, count=len(segs))
         self.seg_ptr = np.concatenate([[0], n_seg.cumsum()]).astype(np.int64)
-        flat = [s for ss in segs for s in ss]
+        flat = (list(map(itemgetter(0), segs)) if (n_seg == 1).all()
+                else [s for ss in segs for s in ss])
         self.seg_start = np.fromiter(map(itemgetter("start_frame"), flat), np.int64,
                                      count=len(flat))
         self.seg_frames = np.fromiter(map(itemgetter("num_frames"), flat), np.int64,
                                       count=len(flat))
-        self.seg_path = _Strings([s["path"] for s in flat])
+        self.seg_path = _Strings(list(map(itemgetter("path"), flat)))
         if ranges is None:   # none yet (a list per row would cost seconds at 2M rows)
             self.set_ranges(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool),
                             np.zeros(len(records) + 1, np.int64))
