@@ -102,7 +102,8 @@ def run_one(kind: str, root: Path, args, pipelines: int = 0) -> dict:
         f"loader.device={args.device}", f"loader.batch_size={args.batch_size}",
         f"loader.kind={'dali' if kind == 'decoder' else kind}",
         f"loader.workers={args.pyav_workers if kind in WORKER_LOADERS else args.workers}",
-        f"loader.ffmpeg_libs={args.ffmpeg_libs if kind == 'spdl' else ''}",
+        *([f"loader.ffmpeg_libs={args.ffmpeg_libs}"] if kind == "spdl" and args.ffmpeg_libs
+          else []),
         *(SAMPLED_RATE[:2] if args.sampled_rate else []),
         f"loader.threads={args.threads}",
         f"loader.video_pipelines={pipelines}",

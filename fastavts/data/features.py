@@ -119,16 +119,25 @@ class LogMel:
         return logmel.transpose(1, 2).unsqueeze(1).contiguous()         # (M, 1, n_mels, F)
 
 
-def video_batch_transform(crops: np.ndarray, mean, std):
-    """uint8 (B, T, crop, crop, 3), already cut and flipped -> float32 (B, 3, T, crop, crop),
-    (x/255 - mean) / std: five operations on the whole batch (build_batch; clip by clip it took
-    twice as long for the CPU demo's batch: bench/bench_demo_step.py)."""
+def normalise_clips(clips: np.ndarray, mean, std, out=None):
+    """uint8 (B, 3, T, crop, crop) -> float32, (x/255 - mean) / std. `out`: a float32 tensor
+    of that shape to write into (a DataLoader worker's, in shared memory: sent without a
+    copy), the same values."""
     import torch
 
-    x = torch.from_numpy(crops).permute(0, 4, 1, 2, 3).contiguous().float().div_(255)
+    x = torch.from_numpy(clips)
+    x = (x.float() if out is None else out.copy_(x)).div_(255)
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1, 1)
     return x.sub_(m).div_(s)
+
+
+def video_batch_transform(crops: np.ndarray, mean, std):
+    """uint8 (B, T, crop, crop, 3), already cut and flipped -> float32 (B, 3, T, crop, crop),
+    (x/255 - mean) / std: the whole batch at once (clip by clip it took twice as long for the
+    CPU demo's batch: bench/bench_demo_step.py). build_batch cuts its crops channels-first
+    and calls normalise_clips: one copy fewer, the same values."""
+    return normalise_clips(np.ascontiguousarray(crops.transpose(0, 4, 1, 2, 3)), mean, std)
 
 
 def video_transform(frames: np.ndarray, y: int, x: int, crop: int, flip: bool, mean, std):

@@ -9,7 +9,7 @@ from contextlib import nullcontext
 import numpy as np
 
 from .base_loader import BaseLoader, plan_meta, substitute
-from .features import AudioGeometry, LogMel, audio_window, video_batch_transform
+from .features import AudioGeometry, LogMel, audio_window, normalise_clips
 
 
 class _PlannedBatches:
@@ -58,7 +58,8 @@ def build_batch(ds, videos: list[dict], plan: dict, d, geo: AudioGeometry, logme
 
     rng = rng or (lambda name: nullcontext())
     T, s, c = d.clip_frames, d.frame_stride, d.crop
-    crops = np.empty((len(plan["clip_video"]), T, c, c, 3), np.uint8)
+    # cut channels-first: the layout the model takes, so one copy makes it (features.py)
+    crops = np.empty((len(plan["clip_video"]), 3, T, c, c), np.uint8)
     bad = {}
     with rng("decode"):
         for vi, clips in _clips_by_video(plan, shared=getattr(ds, "shares_spans", False)):
@@ -82,14 +83,19 @@ def build_batch(ds, videos: list[dict], plan: dict, d, geo: AudioGeometry, logme
                         raise ValueError(f"frames of {v['id']} are {f.shape[2]}x"
                                          f"{f.shape[1]}, too small for a {c}-px crop at "
                                          f"({x}, {y})")
-                    crops[i] = cut[:, :, ::-1] if plan["flip"][i] else cut
+                    crops[i] = (cut[:, :, ::-1] if plan["flip"][i] else cut).transpose(3, 0, 1, 2)
                 except Exception as e:
                     bad[i] = f"{type(e).__name__}: {e}"
         if bad:
             plan = substitute(plan, set(bad))
             for i, j in plan["donor"].items():
                 crops[i] = crops[j]
-        video = video_batch_transform(crops, d.mean, d.std)
+        out = None
+        if torch.utils.data.get_worker_info() is not None:
+            # written straight into shared memory: the DataLoader's queue would copy it there
+            B = crops.shape[0]
+            out = torch.empty((B, 3, T, c, c)).share_memory_()
+        video = normalise_clips(crops, d.mean, d.std, out=out)
     with rng("audio_features"):
         if audio_features is not None:
             audio = audio_features(plan)
