@@ -24,11 +24,18 @@ NVDEC library in its sandbox).
         bench_data  DALI with 1 and 7 video pipelines vs the PyAV DataLoader on all cores,
                     NVML SM and NVDEC utilisation (targets: >= 5x PyAV, >= 2x model-only)
         bench_train end to end vs model-only, DALI and PyAV (targets: ratio >= 0.9, SM > 90 %)
+    python bench/gpu_checks.py decoders   # DALI and PyAV carried in as for `dali`; SPDL and
+                                          # torchcodec where carried in too (else a row says so)
+        env         as above, plus spdl.io and torchcodec
+        curve       bench/bench_decoder_curve.py: decoded frames/s of DALI mixed, SPDL's NVDEC
+                    decoder, torchcodec's CUDA decoder and PyAV (CPU) at 128, 256 and 1080 px,
+                    1 to 14 decodes at once (an H100 or H200 has 7 NVDEC engines)
 
-Every step runs as its own process group under its time limit (CORE_STEPS, DALI_STEPS), and
-the limits are cut so that the whole part ends within --budget seconds (default: their sum,
-core 390 and dali 300, inside a 10-minute command and, with the DALI staging and the machine's
-start, inside one task's 15 minutes of device time); a
+Every step runs as its own process group under its time limit (CORE_STEPS, DALI_STEPS,
+DECODER_STEPS), and the limits are cut so that the whole part ends within --budget seconds
+(default: their sum, core 390, dali 300 and decoders 280, each inside a 10-minute command; core
+and dali with the DALI staging and the machine's start fill one task's 15 minutes of device
+time, decoders goes to the next lent task); a
 step out of time gets SIGINT first (pytest then still writes its junit file and names the test
 it was in), SIGKILL 15 s later. Each step logs to <work>/<part>/<step>.log and its benchmark
 rows go, row by row as they are measured, to <work>/<part>/results/<bench>.jsonl; a step that
@@ -274,6 +281,7 @@ def env_step(r: Runner, modules: list[str], limit: float) -> dict:
 # the machine's start (README, "GPU checks still open", has the arithmetic).
 CORE_STEPS = {"env": 30, "tests": 150, "bench_model": 90, "bench_loss": 120}
 DALI_STEPS = {"env": 20, "data": 60, "tests": 60, "bench_data": 80, "bench_train": 80}
+DECODER_STEPS = {"env": 20, "curve": 260}
 TEST_PROCESSES = 8   # pytest processes compiling kernels side by side (16 cores)
 KERNEL_TESTS = ["tests/test_kernel_contrastive.py", "tests/test_kernel_infonce.py"]
 
@@ -366,6 +374,33 @@ def dali(r: Runner) -> Path:
     return r.finish(extra)
 
 
+def decoders(r: Runner) -> Path:
+    """The decoder curve (bench/bench_decoder_curve.py): DALI mixed, SPDL's NVDEC decoder,
+    torchcodec's CUDA decoder and PyAV on the CPU, decoded frames/s at 128, 256 and 1080 px
+    against 1 to 14 decodes at once."""
+    lim = DECODER_STEPS
+    extra = env_step(r, ["torch", "nvidia.dali", "av", "spdl.io", "torchcodec",
+                         "fastavts.kernels"], lim["env"])
+    try:   # SPDL loads FFmpeg by soname when its process starts: PyAV's, where it has them
+        from fastavts.data.spdl_loader import pyav_ffmpeg_libs
+        libs = pyav_ffmpeg_libs()
+        r.env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            [libs] + [p for p in r.env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p])
+        extra["ffmpeg_libs"] = libs
+    except Exception as e:
+        extra["ffmpeg_libs"] = f"none: {type(e).__name__}: {e}"
+    cmd = [PY, "bench/bench_decoder_curve.py", "--cache", str(r.cache),
+           "--out", r.results("decoder_curve")]
+    if r.dry:
+        r.step("curve", cmd + ["--device", "cpu", "--sizes", "32", "64", "--concurrency", "1",
+                               "2", "--seconds", "1", "--files", "4", "--cell-seconds", "2",
+                               "--budget", "120"], 180)
+    else:   # rows go out cell by cell; the run stops itself inside the step's limit
+        r.step("curve", cmd + ["--device", "gpu", "--budget", str(lim["curve"] - 60)],
+               lim["curve"])
+    return r.finish(extra)
+
+
 def merge(tarball: str) -> int:
     """Append the rows of a returned tarball to bench/results/<bench>.jsonl."""
     with tarfile.open(tarball) as tf:
@@ -382,13 +417,14 @@ def merge(tarball: str) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["core", "dali", "merge"])
+    ap.add_argument("part", choices=["core", "dali", "decoders", "merge"])
     ap.add_argument("tarball", nargs="?", help="merge: the tarball a GPU run returned")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_checks"),
                     help="where the logs and the tarball go (default $OUT)")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds the whole part may take (steps' limits are cut to fit); "
-                         "default: the sum of the part's step limits (core 390, dali 300)")
+                         "default: the sum of the part's step limits (core 390, dali 300, "
+                         "decoders 280)")
     ap.add_argument("--dry-run", action="store_true",
                     help="the same steps at toy sizes on a CPU")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "fastavts_gpu_checks"),
@@ -399,12 +435,12 @@ def main(argv=None) -> int:
         if not args.tarball:
             ap.error("merge needs the tarball")
         return merge(args.tarball)
-    budget = args.budget or (sum(CORE_STEPS.values()) if args.part == "core"
-                             else sum(DALI_STEPS.values()))
+    steps = dict(core=CORE_STEPS, dali=DALI_STEPS, decoders=DECODER_STEPS)[args.part]
+    budget = args.budget or sum(steps.values())
     if args.dry_run:
         budget = max(budget, 900)   # toy sizes on 2 CPU cores, with the interpreter
     r = Runner(args.part, Path(args.out), budget, args.dry_run, Path(args.work))
-    (core if args.part == "core" else dali)(r)
+    dict(core=core, dali=dali, decoders=decoders)[args.part](r)
     return 1 if r.failed() else 0
 
 

@@ -154,6 +154,37 @@ def test_gpu_check_parts_run_end_to_end_as_dry_runs(tmp_path):
     assert [json.loads(x).get("video_pipelines") for x in rows] == [1, 2, None]
 
 
+def test_gpu_check_decoders_part_runs_as_a_dry_run(tmp_path):
+    """bench/gpu_checks.py decoders at toy sizes on this CPU (DALI's CPU decoder, SPDL on
+    PyAV's FFmpeg, PyAV): ONE tarball back, a row per decoder, size and concurrency, and one
+    row saying why for a decoder that cannot run here."""
+    import subprocess
+    import tarfile
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    r = subprocess.run([sys.executable, str(BENCH / "gpu_checks.py"), "decoders", "--dry-run",
+                        "--out", str(out), "--work", str(work)],
+                       capture_output=True, text=True, timeout=600)
+    print(r.stdout[-3000:], r.stderr[-2000:])
+    assert r.returncode == 0
+    assert [f.name for f in out.iterdir()] == ["gpu_checks_decoders.tar.gz"]
+    with tarfile.open(out / "gpu_checks_decoders.tar.gz") as tf:
+        rows = [json.loads(x) for x in tf.extractfile(
+            "decoders/results/decoder_curve.jsonl").read().decode().splitlines()]
+        summary = json.loads(tf.extractfile("decoders/summary.json").read())
+        assert not [n for n in tf.getnames() if n.endswith((".webm", ".mp4"))]
+    assert [s["rc"] for s in summary["steps"]] == [0, 0]
+    measured = {(x["decoder"], x["size"], x["concurrency"]) for x in rows if "frames_per_s" in x}
+    for dec in ("dali", "pyav"):
+        assert {(dec, s, n) for s in (32, 64) for n in (1, 2)} <= measured
+    for x in rows:
+        assert ("error" in x) != ("frames_per_s" in x)
+        if "frames_per_s" in x:   # every frame of every file decoded: 25 a file here
+            assert x["frames"] == 25 * x["files"] and x["frames_per_s"] > 0
+    names = {x["decoder"] for x in rows}
+    assert names == {"dali", "spdl", "torchcodec", "pyav"}
+
+
 def test_a_gpu_check_step_past_its_limit_is_interrupted_then_killed_and_fails_the_part(tmp_path):
     """A step that outlives its limit gets SIGINT (so pytest can still write its junit file),
     then SIGKILL; it counts as failed and the part exits 1, its tarball already in $OUT."""
