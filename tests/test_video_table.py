@@ -178,3 +178,20 @@ def test_shared_folders_of_dead_processes_are_removed(prepared, tmp_path, monkey
     import gc
     gc.collect()
     assert not made[0].exists()      # gone with the table that wrote it
+
+
+def test_a_loader_worker_reads_frames_without_the_manifest_rows(prepared):
+    """A DataLoader worker's Dataset holds no manifest rows (2M of them as dicts are ~4 GB a
+    worker): it decodes from the sampler's records the same frames as the full Dataset by id,
+    and reads the same audio bank."""
+    full, worker = Dataset.open(prepared), Dataset.for_worker(prepared)
+    assert worker.videos == [] and worker.by_id == {} and len(full.videos) > 0
+    cfg = build_config(overrides=["data.crop=48", "data.clip_frames=8", "data.frame_stride=4"])
+    s = Sampler(full.videos, cfg.data, cfg.sampler, 4)
+    for vi in range(len(s.videos)):
+        rec = s.videos[vi]
+        idx = [0, 5, rec["num_frames"] - 1, 5]
+        np.testing.assert_array_equal(worker.frames(rec, idx), full.frames(rec["id"], idx))
+    assert np.array_equal(worker.bank.pcm, full.bank.pcm)
+    with pytest.raises(KeyError, match="no video"):
+        worker.frames(rec["id"], [0])   # by id it has nothing to look in

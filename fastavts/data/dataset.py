@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +91,22 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.videos)
 
-    def _video(self, video_id: str) -> dict:
+    @classmethod
+    def for_worker(cls, root: str | os.PathLike) -> Dataset:
+        """The set as a loader's worker needs it: its audio bank and files, no manifest rows
+        (the sampler's columns describe the videos; `frames` takes their records). At 2M
+        videos the rows as dicts are ~4 GB in every worker."""
+        root = Path(root)
+        ds = cls(root, [], [])
+        ds.bank = AudioBank(root)
+        ds.sample_rate = ds.bank.sample_rate
+        return ds
+
+    def _video(self, video) -> dict:
+        """The record of a video: given one (a mapping, e.g. the sampler's), or by its id."""
+        if isinstance(video, Mapping):
+            return video
+        video_id = video
         try:
             return self.by_id[video_id]
         except KeyError:
@@ -107,14 +122,15 @@ class Dataset:
         return self.bank.window(v["audio_offset"], v["audio_samples"], v["audio_start"],
                                 start_s, duration_s)
 
-    def frames(self, video_id: str, indices: Sequence[int]) -> np.ndarray:
+    def frames(self, video, indices: Sequence[int]) -> np.ndarray:
         """uint8 (T, H, W, 3) RGB frames at the given frame indices (any order, repeats ok).
         Several clips of a video asked for in one call are read in one pass where their spans
         overlap or nearly touch (decode_cost.decode_runs), with the same pixels as asked for
         one by one."""
         import av
 
-        v = self._video(video_id)
+        v = self._video(video)
+        video_id = v["id"]
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= v["num_frames"]):
             raise IndexError(f"frame indices must lie in [0, {v['num_frames']}) for "

@@ -27,11 +27,13 @@ class DecordFrames:
         self.ds, self.bank, self.root = ds, ds.bank, Path(ds.root)
         self._decord = decord
 
-    def _video(self, video_id: str) -> dict:
-        return self.ds._video(video_id)
+    def _video(self, video) -> dict:
+        return self.ds._video(video)
 
-    def frames(self, video_id: str, indices) -> np.ndarray:
-        v = self.ds._video(video_id)
+    def frames(self, video, indices) -> np.ndarray:
+        """`video`: its record or its id."""
+        v = self.ds._video(video)
+        video_id = v["id"]
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= v["num_frames"]):
             raise IndexError(f"frame indices must lie in [0, {v['num_frames']}) for "

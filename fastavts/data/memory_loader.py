@@ -36,12 +36,14 @@ class _FrameCache:
         self.videos: dict[str, np.ndarray] = {}
         self.broken: dict[str, str] = {}
 
-    def frames(self, video_id: str, indices) -> np.ndarray:
+    def frames(self, video, indices) -> np.ndarray:
+        """`video`: its record or its id."""
+        video_id = video if isinstance(video, str) else video["id"]
         arr = self.videos.get(video_id)
         if arr is None:
             if video_id in self.broken:
                 raise RuntimeError(self.broken[video_id])
-            v = self.ds._video(video_id)
+            v = self.ds._video(video)
             try:
                 arr = self.ds.frames(video_id, np.arange(v["num_frames"]))
             except Exception as e:

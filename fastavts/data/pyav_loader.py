@@ -31,7 +31,8 @@ class _PlannedBatches:
         from .dataset import Dataset
 
         if self._ds is None:  # opened in the worker process: its own memmap and files
-            self._ds = Dataset.open(self.root)
+            # (no manifest rows: the sampler's shared columns describe the videos)
+            self._ds = Dataset.for_worker(self.root)
             self._ds.codec_threads = False
             if self.frame_reader is not None:   # another decoder (decord_loader.py)
                 self._ds = self.frame_reader(self._ds)
@@ -66,7 +67,7 @@ def build_batch(ds, videos: list[dict], plan: dict, d, geo: AudioGeometry, logme
             v = videos[vi]
             idx = [plan["clip_frame"][i] + s * np.arange(T) for i in clips]
             try:
-                frames = ds.frames(v["id"], np.concatenate(idx))
+                frames = ds.frames(v, np.concatenate(idx))
             except Exception as e:
                 if len(clips) == 1:   # a damaged file: replaced below, counted by the parent
                     bad[clips[0]] = f"{type(e).__name__}: {e}"
@@ -75,7 +76,7 @@ def build_batch(ds, videos: list[dict], plan: dict, d, geo: AudioGeometry, logme
                 frames = None
             for j, i in enumerate(clips):
                 try:
-                    f = ds.frames(v["id"], idx[j]) if frames is None else \
+                    f = ds.frames(v, idx[j]) if frames is None else \
                         frames[j * T:(j + 1) * T]
                     y, x = int(plan["crop_y"][i]), int(plan["crop_x"][i])
                     cut = f[:, y:y + c, x:x + c]

@@ -109,8 +109,10 @@ class SpdlFrames:
         self.keyframe_interval = ds.keyframe_interval
         self._io = spdl.io
 
-    def frames(self, video_id: str, indices) -> np.ndarray:
-        v = self.ds._video(video_id)
+    def frames(self, video, indices) -> np.ndarray:
+        """`video`: its record or its id."""
+        v = self.ds._video(video)
+        video_id = v["id"]
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= v["num_frames"]):
             raise IndexError(f"frame indices must lie in [0, {v['num_frames']}) for "
