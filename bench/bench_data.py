@@ -104,6 +104,7 @@ def run_one(kind: str, root: Path, args, pipelines: int = 0) -> dict:
         f"loader.workers={args.pyav_workers if kind in WORKER_LOADERS else args.workers}",
         *([f"loader.ffmpeg_libs={args.ffmpeg_libs}"] if kind == "spdl" and args.ffmpeg_libs
           else []),
+        f"loader.pool={args.pool}",
         *(SAMPLED_RATE[:2] if args.sampled_rate else []),
         f"loader.threads={args.threads}",
         f"loader.video_pipelines={pipelines}",
@@ -157,6 +158,9 @@ def main() -> int:
                     default=["dali", "pyav"],
                     help="decord: pip install decord; spdl: pip install 'fastavts[spdl]' "
                     "(--ffmpeg-libs); decoder: DALI's video decoder alone")
+    ap.add_argument("--pool", choices=["processes", "threads"], default="processes",
+                    help="loader.pool of the pyav, spdl and decord loaders (threads: spdl needs "
+                    "FFmpeg's libraries on LD_LIBRARY_PATH when python starts)")
     ap.add_argument("--ffmpeg-libs", default="pyav",
                     help="loader.ffmpeg_libs for spdl (default: PyAV's bundled FFmpeg)")
     ap.add_argument("--sampled-rate", action="store_true",
@@ -204,10 +208,11 @@ def main() -> int:
         r.update(bench="data", device=args.device, batch_size=args.batch_size,
                  workers=(args.pyav_workers if kind in WORKER_LOADERS else
                           0 if kind == "decoder" else args.workers),
-                 pairs=args.pairs, data=str(root), sampled_rate=args.sampled_rate, **ctx)
+                 pairs=args.pairs, data=str(root), sampled_rate=args.sampled_rate,
+                 pool=args.pool if kind in WORKER_LOADERS else None, **ctx)
         rows.add(r)
         extra = (f", {r['video_pipelines']} pipeline(s) x {r['threads']} threads"
-                 if kind in ("dali", "decoder") else "")
+                 if kind in ("dali", "decoder") else f" as {args.pool}")
         gpu = (f", SM {r['gpu_sm_util_median']} %, NVDEC {r.get('gpu_nvdec_util_median', '-')} %"
                if "gpu_sm_util_median" in r else "")
         print(f"{kind:7s} on {args.device}: {r['clips_per_s_median']:.1f} clips/s (range "

@@ -1,6 +1,7 @@
 """DALI (CPU pipeline, VP9) and PyAV loaders: same plan, same batch; windows hold the impacts
 the clips show; damaged files are skipped and counted; a resumed loader continues exactly."""
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -547,8 +548,11 @@ def test_spdl_loader_gives_the_pyav_batches(root, request):
 def test_spdl_loader_says_what_it_needs(one_object, monkeypatch):
     pytest.importorskip("spdl", reason="SPDL is an optional extra (pip install 'fastavts[spdl]')")
     from fastavts.errors import ConfigError
-    with pytest.raises(ConfigError, match="loader.workers >= 1"):
-        loader(one_object, "spdl", "loader.workers=0", "loader.ffmpeg_libs=pyav")
+    if _spdl_libs() == "pyav":   # not loadable in this process: it says how to start python
+        for pool in ("loader.workers=0", "loader.pool=threads"):
+            with pytest.raises(ConfigError, match="decodes in this process.*LD_LIBRARY_PATH"):
+                loader(one_object, "spdl", pool, "loader.workers=0" if "0" in pool
+                       else "loader.workers=2", "loader.ffmpeg_libs=pyav")
     with pytest.raises(ConfigError, match="no such folder"):
         loader(one_object, "spdl", "loader.workers=1", "loader.ffmpeg_libs=/nonexistent")
     empty = one_object.parent / "no_ffmpeg_here"
@@ -557,3 +561,87 @@ def test_spdl_loader_says_what_it_needs(one_object, monkeypatch):
     if _spdl_libs() == "pyav":   # no system FFmpeg: the message says what to install
         with pytest.raises(ConfigError, match="apt install libavcodec-dev"):
             loader(one_object, "spdl", "loader.workers=1", f"loader.ffmpeg_libs={empty}")
+
+
+def test_pyav_loader_threads_give_the_batches_of_processes(segmented):
+    """loader.pool=threads: the same batches, bit for bit, as the DataLoader's worker
+    processes and as the training process alone, across an epoch's end; a loader closed
+    mid-epoch and started again at its position goes on with the same batches."""
+    extra = ["sampler.pairs=inbatch", "sampler.k=1", "sampler.group_clips=true",
+             "sampler.clips_per_video=3"]
+    kw = dict(total_epochs=2)
+    threads = loader(segmented, "pyav", *extra, "loader.workers=2", "loader.pool=threads", **kw)
+    procs = loader(segmented, "pyav", *extra, "loader.workers=1", **kw)
+    alone = loader(segmented, "pyav", *extra, "loader.workers=0", **kw)
+    got = [list(L.epoch(0)) + list(L.epoch(1)) for L in (threads, procs, alone)]
+    assert len(got[0]) == 2 * len(threads) > 2
+    for a, b, c in zip(*got):
+        for k in (*META, "audio", "video"):
+            assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), k
+    assert threads.decode_count.decoded == alone.decode_count.decoded
+    threads.close()
+    procs.close()
+    # stopped after one batch, then resumed where it stood
+    L = loader(segmented, "pyav", *extra, "loader.workers=2", "loader.pool=threads", **kw)
+    it = L.epoch(0)
+    first = next(it)
+    L.close()
+    state = L.state_dict()
+    M = loader(segmented, "pyav", *extra, "loader.workers=2", "loader.pool=threads", **kw)
+    M.load_state_dict(state)
+    nxt = next(M.epoch(0))
+    assert torch.equal(first["video"], got[2][0]["video"])
+    assert torch.equal(nxt["video"], got[2][1]["video"])
+    M.close()
+
+
+def test_pyav_loader_threads_skip_and_count_a_damaged_file(one_object, tmp_path):
+    root = tmp_path / "prepared"
+    shutil.copytree(one_object, root)
+    victim = Dataset.open(root).videos[2]
+    path = root / victim["segments"][0]["path"]
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, path.stat().st_size,
+                                                        dtype=np.uint8).tobytes())
+    L = loader(root, "pyav", "sampler.clips_per_video=4", "loader.workers=2",
+               "loader.pool=threads")
+    bad = L.video_ids.index(victim["id"])
+    batches = list(L.epoch(0))
+    assert len(batches) == len(L)
+    assert all(bad not in b["clip_video"].tolist() for b in batches)
+    assert L.faults[victim["id"]] >= 1 and L.fault_log[0]["video"] == victim["id"]
+
+
+SPDL_THREADS = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from test_loaders import loader, META
+root = sys.argv[1]
+extra = ["sampler.pairs=inbatch", "sampler.k=1", "sampler.group_clips=true",
+         "sampler.clips_per_video=3"]
+sp = loader(root, "spdl", *extra, "loader.workers=2", "loader.pool=threads")
+pyav = loader(root, "pyav", *extra)
+n = 0
+for a, b in zip(sp.epoch(0), pyav.epoch(0)):
+    n += 1
+    for k in (*META, "audio", "video"):
+        assert torch.equal(a[k], b[k]), k
+sp.close()
+assert n == len(sp) > 0
+print("SAME", n)
+"""
+
+
+def test_spdl_loader_in_threads_with_ffmpeg_on_the_library_path(segmented):
+    """loader.kind=spdl loader.pool=threads in a process started with FFmpeg's libraries on
+    LD_LIBRARY_PATH (PyAV's here, as docs/data.md says): the PyAV loader's batches."""
+    pytest.importorskip("spdl", reason="SPDL is an optional extra (pip install 'fastavts[spdl]')")
+    import os
+    import subprocess
+    import sys
+
+    from fastavts.data.spdl_loader import pyav_ffmpeg_libs
+    env = dict(os.environ, LD_LIBRARY_PATH=pyav_ffmpeg_libs())
+    tests = str(Path(__file__).parent)
+    r = subprocess.run([sys.executable, "-c", SPDL_THREADS, str(segmented), tests], env=env,
+                       capture_output=True, text=True, timeout=600, cwd=tests)
+    assert r.returncode == 0 and "SAME" in r.stdout, r.stderr[-3000:]

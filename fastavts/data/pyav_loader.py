@@ -3,6 +3,7 @@ compute the log-mel in PyTorch (features.py). It is the comparison row of the be
 the debugging path; it produces the same batches as the DALI loader from the same plans."""
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import nullcontext
 
@@ -14,13 +15,23 @@ from .features import AudioGeometry, LogMel, audio_window, normalise_clips
 
 class _PlannedBatches:
     """torch Dataset over the rest of training: item i is batch `start + i` counted from the
-    first batch of `epoch0`, so one DataLoader (and its workers) serves every epoch."""
+    first batch of `epoch0`, so one DataLoader (and its workers) serves every epoch. Each
+    process, and each thread of the threaded pool, opens its own reader."""
 
     def __init__(self, loader: PyAVLoader, epoch0: int, start: int, epochs: int):
         self.root, self.cfg = loader.root, loader.cfg
         self.sampler, self.epoch0, self.start, self.epochs = loader.sampler, epoch0, start, epochs
         self.frame_reader = loader.frame_reader
-        self._ds = None
+        self._local = threading.local()
+
+    def __getstate__(self):   # pickled into DataLoader workers: no thread-local state
+        s = dict(self.__dict__)
+        del s["_local"]
+        return s
+
+    def __setstate__(self, s):
+        self.__dict__.update(s)
+        self._local = threading.local()
 
     def __len__(self) -> int:
         return self.epochs * len(self.sampler) - self.start
@@ -30,22 +41,58 @@ class _PlannedBatches:
 
         from .dataset import Dataset
 
-        if self._ds is None:  # opened in the worker process: its own memmap and files
+        r = self._local
+        if getattr(r, "ds", None) is None:  # this worker's (or thread's) memmap and files
             # (no manifest rows: the sampler's shared columns describe the videos)
-            self._ds = Dataset.for_worker(self.root)
-            self._ds.codec_threads = False
-            if self.frame_reader is not None:   # another decoder (decord_loader.py)
-                self._ds = self.frame_reader(self._ds)
+            ds = Dataset.for_worker(self.root)
+            ds.codec_threads = False
+            if self.frame_reader is not None:   # another decoder (decord, SPDL)
+                ds = self.frame_reader(ds)
             if torch.utils.data.get_worker_info() is not None:
                 # one core per DataLoader worker: parallelism is across workers (with
-                # loader.workers=0 this runs in the training process: its threads stay)
+                # loader.workers=0 or threads this runs in the training process: its
+                # threads stay)
                 torch.set_num_threads(1)
-            self._geo = AudioGeometry(self.cfg.data)
-            self._logmel = LogMel(self._geo)
+            r.geo = AudioGeometry(self.cfg.data)
+            r.logmel = LogMel(r.geo)
+            r.ds = ds
         epoch, batch = divmod(self.start + i, len(self.sampler))
         plan = self.sampler.plan(self.epoch0 + epoch, batch)
-        return build_batch(self._ds, self.sampler.videos, plan, self.cfg.data, self._geo,
-                           self._logmel)
+        return build_batch(r.ds, self.sampler.videos, plan, self.cfg.data, r.geo, r.logmel)
+
+
+class _ThreadedBatches:
+    """The items of a _PlannedBatches in order, made by `threads` threads of this process
+    (loader.pool=threads), `depth` of them in flight: no process, no hand-over of the
+    batches. PyAV and SPDL decode, and torch and numpy copy, without holding the GIL."""
+
+    def __init__(self, data: _PlannedBatches, threads: int, depth: int):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.data, self.depth = data, max(1, depth)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="fastavts-loader")
+        self.pending: deque = deque()
+        self.next_item = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        while len(self.pending) < self.depth and self.next_item < len(self.data):
+            self.pending.append(self.pool.submit(self.data.__getitem__, self.next_item))
+            self.next_item += 1
+        if not self.pending:
+            raise StopIteration
+        return self.pending.popleft().result()
+
+    def close(self) -> None:
+        """Drop the batches not yet started and wait for those being made (a batch at most
+        per thread)."""
+        for f in self.pending:
+            f.cancel()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
 
 
 def build_batch(ds, videos: list[dict], plan: dict, d, geo: AudioGeometry, logmel,
@@ -136,12 +183,15 @@ class PyAVLoader(BaseLoader):
         lc = self.cfg.loader
         epochs = max(1, self.total_epochs - epoch)
         data = _PlannedBatches(self, epoch, start, epochs)
+        self._next = (epoch, start)
+        if lc.pool == "threads" and lc.workers:
+            self._it = _ThreadedBatches(data, lc.workers, lc.workers * lc.prefetch)
+            return
         self._dl = torch.utils.data.DataLoader(
             data, batch_size=None, shuffle=False, num_workers=lc.workers,
             prefetch_factor=lc.prefetch if lc.workers else None,
             multiprocessing_context="spawn" if lc.workers else None)
         self._it = iter(self._dl)
-        self._next = (epoch, start)
 
     def _batches(self, epoch: int, start: int) -> Iterator[dict]:
         if self._it is None or self._next != (epoch, start):
@@ -167,6 +217,9 @@ class PyAVLoader(BaseLoader):
         'terminate called without an active exception'), and PyTorch then raises in this
         thread. A normal end of iteration does not. Nothing is lost: the worker was leaving."""
         it, self._it, self._next = self._it, None, None
+        if isinstance(it, _ThreadedBatches):
+            it.close()
+            return
         if it is None or not hasattr(it, "_shutdown_workers"):
             return
         try:

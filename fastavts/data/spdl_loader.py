@@ -13,8 +13,10 @@ SPDL is pip-installable (`pip install 'fastavts[spdl]'`) but loads FFmpeg's shar
 `loader.ffmpeg_libs` names a folder of them for the loader's workers (it is put on their
 LD_LIBRARY_PATH), or `pyav`: the FFmpeg libraries PyAV's wheel carries, linked under their
 plain names in a folder of the temp dir, so that nothing beyond pip is needed. The dynamic
-linker reads LD_LIBRARY_PATH when a process starts, so with a folder given the frames are
-decoded in worker processes only (loader.workers >= 1).
+linker reads LD_LIBRARY_PATH when a process starts, so that folder reaches worker processes
+(loader.pool=processes, loader.workers >= 1); to decode in the training process
+(loader.pool=threads, the faster on a CPU, or loader.workers=0) start python with the folder
+on LD_LIBRARY_PATH, or have the system's libraries.
 
 A batch's clips of one video are read together (decode_cost.decode_runs): one window demuxed
 and decoded per pass, from the keyframe before its first frame, as Dataset.frames does, so the
@@ -154,12 +156,25 @@ class SpdlLoader(PyAVLoader):
     def __init__(self, cfg, root, **kw):
         super().__init__(cfg, root, **kw)
         lc = cfg.loader
-        if lc.ffmpeg_libs and lc.workers == 0:
-            raise ConfigError(f"loader.ffmpeg_libs={lc.ffmpeg_libs} is read when a process "
-                              f"starts: it needs loader.workers >= 1 (the workers decode), "
-                              f"or the folder on LD_LIBRARY_PATH before python starts")
-        first = self.sampler.videos[0]["segments"][0]["path"]
-        probe(str(self.root / first), lc.ffmpeg_libs)
+        first = str(self.root / self.sampler.videos[0]["segments"][0]["path"])
+        in_process = lc.workers == 0 or lc.pool == "threads"
+        if in_process:   # this process decodes: FFmpeg's libraries must load here
+            try:
+                import spdl.io
+                spdl.io.decode_packets(spdl.io.demux_video(first, timestamp=(0.0, 0.1)))
+            except Exception as e:
+                folder = ("$(python -c 'from fastavts.data.spdl_loader import "
+                          "pyav_ffmpeg_libs; print(pyav_ffmpeg_libs())')"
+                          if lc.ffmpeg_libs in ("", "pyav") else lc.ffmpeg_libs)
+                raise ConfigError(
+                    f"loader.kind=spdl with {'loader.workers=0' if lc.workers == 0 else 'loader.pool=threads'} "
+                    f"decodes in this process, and SPDL cannot decode {first} here "
+                    f"({type(e).__name__}: {str(e)[:200]}). FFmpeg's libraries must load "
+                    f"when python starts: {INSTALL.split('; ', 1)[1]}, then start with "
+                    f"LD_LIBRARY_PATH={folder} (loader.ffmpeg_libs reaches worker "
+                    f"processes only), or use loader.pool=processes.") from None
+        else:
+            probe(first, lc.ffmpeg_libs)
         self._env = worker_env(lc.ffmpeg_libs)
 
     def _start(self, epoch: int, start: int) -> None:
