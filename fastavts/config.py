@@ -187,7 +187,8 @@ class LoaderConfig:
                      "GPU), cpu (VP8/VP9/MJPEG only), auto = gpu if one is visible",
                      choices=("auto", "gpu", "cpu"))
     batch_size: int = _f(32, "clips per batch on each rank", min=1)
-    workers: int = _f(2, "processes preparing batches: PyAV workers; DALI source workers (per "
+    workers: int = _f(2, "processes preparing batches: PyAV/SPDL/decord workers (threads "
+                      "with loader.pool=threads); DALI source workers (per "
                       "pipeline on a CPU; on a GPU the rank's total, at least one per "
                       "pipeline)", min=0)
     threads: int = _f(0, "DALI CPU threads per pipeline; 0 = auto: on a GPU what the source "
@@ -199,7 +200,7 @@ class LoaderConfig:
                               "2 cores a pipeline), 1 on a CPU", min=0, max=64)
     pool: str = _f("processes", "pyav, spdl, decord: the workers as processes (a DataLoader: a "
                    "crash inside a decoder stays in its worker) or threads of the training "
-                   "process (no hand-over of the batches: about 1.3x the clips/s on a CPU; the "
+                   "process (no hand-over of the batches, the faster on a CPU: docs/data.md; the "
                    "decoders run without the GIL)", choices=("processes", "threads"))
     ffmpeg_libs: str = _f("", "loader.kind=spdl: folder of FFmpeg's shared libraries "
                           "(libavcodec.so.N) for the workers; pyav = those PyAV's wheel "
