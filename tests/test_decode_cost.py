@@ -79,7 +79,7 @@ def test_every_loader_reports_its_decoding(prepared, kind):
         held = sum(v["num_frames"] for v in loader.sampler.videos)
         assert loader.decode_count.decoded == held
     elif kind == "pyav":   # what PyAV really decoded (workers=0: the Dataset is in reach)
-        assert loader.decode_count.decoded == loader._dl.dataset._ds.decoded_frames
+        assert loader.decode_count.decoded == loader._dl.dataset._local.ds.decoded_frames
     else:                  # the seeking reader's count, clip by clip, worked out here
         K = keyframe_interval(prepared)
         total = 0
