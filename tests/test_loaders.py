@@ -47,6 +47,18 @@ def loader(root, kind, *overrides, **kw):
                        root, **kw)
 
 
+def damaged_copy(one_object, tmp_path, which: int, seed: int):
+    """A copy of the set with video `which`'s file overwritten by random bytes: (root, its
+    record)."""
+    root = tmp_path / "prepared"
+    shutil.copytree(one_object, root)
+    victim = Dataset.open(root).videos[which]
+    path = root / victim["segments"][0]["path"]
+    path.write_bytes(np.random.default_rng(seed).integers(0, 256, path.stat().st_size,
+                                                           dtype=np.uint8).tobytes())
+    return root, victim
+
+
 def assert_same_crop(x, y):
     """(B, 3, T, c, c) clips of two decoders: the planned crop, to the pixel (each frame closer
     to the other decoder's than the same crop one pixel right or down, or left or up)."""
@@ -329,12 +341,7 @@ def test_several_dali_pipelines_give_the_batches_of_one(one_object):
 
 
 def test_a_damaged_file_with_several_pipelines(one_object, tmp_path):
-    root = tmp_path / "prepared"
-    shutil.copytree(one_object, root)
-    victim = Dataset.open(root).videos[4]
-    path = root / victim["segments"][0]["path"]
-    path.write_bytes(np.random.default_rng(1).integers(0, 256, path.stat().st_size,
-                                                        dtype=np.uint8).tobytes())
+    root, victim = damaged_copy(one_object, tmp_path, 4, 1)
     L = loader(root, "dali", "sampler.clips_per_video=4", "loader.video_pipelines=2")
     batches = list(L.epoch(0))
     assert len(batches) == len(L) and L.faults[victim["id"]] >= 1
@@ -457,12 +464,7 @@ def test_decord_loader_gives_the_pyav_batches(root, request):
 
 def test_decord_loader_skips_and_counts_a_damaged_file(one_object, tmp_path):
     pytest.importorskip("decord", reason="decord is an optional extra (pip install decord)")
-    root = tmp_path / "prepared"
-    shutil.copytree(one_object, root)
-    victim = Dataset.open(root).videos[2]
-    path = root / victim["segments"][0]["path"]
-    path.write_bytes(np.random.default_rng(0).integers(0, 256, path.stat().st_size,
-                                                        dtype=np.uint8).tobytes())
+    root, victim = damaged_copy(one_object, tmp_path, 2, 0)
     L = loader(root, "decord", "sampler.clips_per_video=4")
     bad = L.video_ids.index(victim["id"])
     batches = list(L.epoch(0))
@@ -596,12 +598,7 @@ def test_pyav_loader_threads_give_the_batches_of_processes(segmented):
 
 
 def test_pyav_loader_threads_skip_and_count_a_damaged_file(one_object, tmp_path):
-    root = tmp_path / "prepared"
-    shutil.copytree(one_object, root)
-    victim = Dataset.open(root).videos[2]
-    path = root / victim["segments"][0]["path"]
-    path.write_bytes(np.random.default_rng(0).integers(0, 256, path.stat().st_size,
-                                                        dtype=np.uint8).tobytes())
+    root, victim = damaged_copy(one_object, tmp_path, 2, 0)
     L = loader(root, "pyav", "sampler.clips_per_video=4", "loader.workers=2",
                "loader.pool=threads")
     bad = L.video_ids.index(victim["id"])

@@ -122,6 +122,17 @@ class Dataset:
         return self.bank.window(v["audio_offset"], v["audio_samples"], v["audio_start"],
                                 start_s, duration_s)
 
+    def frame_request(self, video, indices: Sequence[int]
+                      ) -> tuple[dict, np.ndarray, np.ndarray]:
+        """(record, int64 indices, uint8 (T, H, W, 3) output to fill) of a frames() call, the
+        indices checked against the video: what every frame reader starts with."""
+        v = self._video(video)
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= v["num_frames"]):
+            raise IndexError(f"frame indices must lie in [0, {v['num_frames']}) for "
+                             f"'{v['id']}', got min {idx.min()} max {idx.max()}")
+        return v, idx, np.empty((idx.size, v["height"], v["width"], 3), np.uint8)
+
     def frames(self, video, indices: Sequence[int]) -> np.ndarray:
         """uint8 (T, H, W, 3) RGB frames at the given frame indices (any order, repeats ok).
         Several clips of a video asked for in one call are read in one pass where their spans
@@ -129,13 +140,8 @@ class Dataset:
         one by one."""
         import av
 
-        v = self._video(video)
+        v, idx, out = self.frame_request(video, indices)
         video_id = v["id"]
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= v["num_frames"]):
-            raise IndexError(f"frame indices must lie in [0, {v['num_frames']}) for "
-                             f"'{video_id}', got min {idx.min()} max {idx.max()}")
-        out = np.empty((idx.size, v["height"], v["width"], 3), np.uint8)
         want = {}
         for pos, i in enumerate(idx.tolist()):
             want.setdefault(i, []).append(pos)

@@ -113,13 +113,7 @@ class SpdlFrames:
 
     def frames(self, video, indices) -> np.ndarray:
         """`video`: its record or its id."""
-        v = self.ds._video(video)
-        video_id = v["id"]
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= v["num_frames"]):
-            raise IndexError(f"frame indices must lie in [0, {v['num_frames']}) for "
-                             f"'{video_id}', got min {idx.min()} max {idx.max()}")
-        out = np.empty((idx.size, v["height"], v["width"], 3), np.uint8)
+        v, idx, out = self.ds.frame_request(video, indices)
         fps = v["fps"]
         for seg in v["segments"]:
             lo, n = seg["start_frame"], seg["num_frames"]
