@@ -88,7 +88,8 @@ def decoder_batches(root: Path, args, cfg):
     return _Loader()
 
 
-WORKER_LOADERS = ("pyav", "decord", "spdl")   # DataLoader workers (--pyav-workers)
+WORKER_LOADERS = ("pyav", "decord", "spdl", "auto")   # workers: --pyav-workers (auto: the
+# default loader.kind, the PyAV loader on a CPU)
 
 
 def run_one(kind: str, root: Path, args, pipelines: int = 0) -> dict:
@@ -137,8 +138,13 @@ def run_one(kind: str, root: Path, args, pipelines: int = 0) -> dict:
     gpu = monitor.stop() if monitor is not None else {}
     loader.close()
     extra = {}
+    if kind == "auto":   # the row names what the default resolved to
+        extra = dict(asked="auto")
+        kind = loader.kind
+    if hasattr(loader, "pool"):
+        extra["pool"] = loader.pool
     if kind == "dali":
-        extra = dict(video_pipelines=loader.video_pipelines, threads=loader.threads)
+        extra.update(video_pipelines=loader.video_pipelines, threads=loader.threads)
     if kind == "decoder":
         extra = dict(video_pipelines=1, threads=loader.threads_)
     return dict(loader=kind, **extra, batches_per_epoch=len(loader),
@@ -154,13 +160,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--loader", nargs="+",
-                    choices=["dali", "pyav", "decord", "spdl", "decoder"],
+                    choices=["auto", "dali", "pyav", "decord", "spdl", "decoder"],
                     default=["dali", "pyav"],
-                    help="decord: pip install decord; spdl: pip install 'fastavts[spdl]' "
+                    help="auto: the default loader.kind (the PyAV loader on a CPU, DALI on a "
+                    "GPU); decord: pip install decord; spdl: pip install 'fastavts[spdl]' "
                     "(--ffmpeg-libs); decoder: DALI's video decoder alone")
-    ap.add_argument("--pool", choices=["processes", "threads"], default="processes",
-                    help="loader.pool of the pyav, spdl and decord loaders (threads: spdl needs "
-                    "FFmpeg's libraries on LD_LIBRARY_PATH when python starts)")
+    ap.add_argument("--pool", choices=["auto", "processes", "threads"], default="auto",
+                    help="loader.pool of the pyav, spdl and decord loaders (auto, the default: "
+                    "threads on a CPU; spdl in threads needs FFmpeg's libraries on "
+                    "LD_LIBRARY_PATH when python starts, else it takes processes)")
     ap.add_argument("--ffmpeg-libs", default="pyav",
                     help="loader.ffmpeg_libs for spdl (default: PyAV's bundled FFmpeg)")
     ap.add_argument("--sampled-rate", action="store_true",
@@ -209,13 +217,14 @@ def main() -> int:
                  workers=(args.pyav_workers if kind in WORKER_LOADERS else
                           0 if kind == "decoder" else args.workers),
                  pairs=args.pairs, data=str(root), sampled_rate=args.sampled_rate,
-                 pool=args.pool if kind in WORKER_LOADERS else None, **ctx)
+                 **({} if "pool" in r else dict(pool=None)), **ctx)
         rows.add(r)
         extra = (f", {r['video_pipelines']} pipeline(s) x {r['threads']} threads"
-                 if kind in ("dali", "decoder") else f" as {args.pool}")
+                 if r["loader"] in ("dali", "decoder") else f" as {r['pool']}")
         gpu = (f", SM {r['gpu_sm_util_median']} %, NVDEC {r.get('gpu_nvdec_util_median', '-')} %"
                if "gpu_sm_util_median" in r else "")
-        print(f"{kind:7s} on {args.device}: {r['clips_per_s_median']:.1f} clips/s (range "
+        name = kind if kind == r["loader"] else f"{kind}={r['loader']}"
+        print(f"{name:7s} on {args.device}: {r['clips_per_s_median']:.1f} clips/s (range "
               f"{r['clips_per_s_min']:.1f}-{r['clips_per_s_max']:.1f}, {r['repeats']} x "
               f"{args.batches} batches of {args.batch_size}), peak RSS {r['peak_rss_mb']} MB, "
               f"{r['workers']} workers{extra}{gpu}")

@@ -172,9 +172,13 @@ class SamplerConfig:
 
 @dataclass
 class LoaderConfig:
-    """How batches are decoded: DALI (GPU, or CPU without one), the PyAV baseline, or from
-    frames decoded once and kept in memory (small sets on a CPU)."""
-    kind: str = _f("dali", "dali: fn.decoders.video + DALI log-mel; pyav: torch DataLoader "
+    """How batches are decoded: DALI (on a GPU; its CPU decoder on request), PyAV (the CPU
+    default), SPDL or decord, or from frames decoded once and kept in memory (small sets on a
+    CPU)."""
+    kind: str = _f("auto", "auto: dali where it decodes on a GPU (loader.device=gpu, or auto "
+                   "with one visible), else spdl where it is installed and FFmpeg's libraries "
+                   "load in this process, else pyav (the same batches); "
+                   "dali: fn.decoders.video + DALI log-mel; pyav: "
                    "workers decoding with PyAV, log-mel in PyTorch; memory: each video decoded "
                    "once (PyAV) and kept in RAM, batches cut from it in the training process "
                    "(small sets on a CPU, where decoding would take the cores the model needs); "
@@ -182,7 +186,7 @@ class LoaderConfig:
                    "pip install decord); spdl: the pyav loader decoding with SPDL, the "
                    "fastest CPU decoder here (pip install 'fastavts[spdl]'; FFmpeg's shared "
                    "libraries: loader.ffmpeg_libs)",
-                   choices=("dali", "pyav", "memory", "decord", "spdl"))
+                   choices=("auto", "dali", "pyav", "memory", "decord", "spdl"))
     device: str = _f("auto", "where DALI runs: gpu (mixed decoding, needs H.264/HEVC/VP9 and a "
                      "GPU), cpu (VP8/VP9/MJPEG only), auto = gpu if one is visible",
                      choices=("auto", "gpu", "cpu"))
@@ -198,10 +202,11 @@ class LoaderConfig:
                               "pipeline drives one NVDEC engine); 0 = auto: one per NVDEC "
                               "engine of the GPU (7 on H100/H200; fewer where the rank has under "
                               "2 cores a pipeline), 1 on a CPU", min=0, max=64)
-    pool: str = _f("processes", "pyav, spdl, decord: the workers as processes (a DataLoader: a "
+    pool: str = _f("auto", "pyav, spdl, decord: the workers as processes (a DataLoader: a "
                    "crash inside a decoder stays in its worker) or threads of the training "
                    "process (no hand-over of the batches, the faster on a CPU: docs/data.md; the "
-                   "decoders run without the GIL)", choices=("processes", "threads"))
+                   "decoders run without the GIL); auto = threads on a CPU, processes beside "
+                   "a GPU", choices=("auto", "processes", "threads"))
     ffmpeg_libs: str = _f("", "loader.kind=spdl: folder of FFmpeg's shared libraries "
                           "(libavcodec.so.N) for the workers; pyav = those PyAV's wheel "
                           "carries; empty = the system's")

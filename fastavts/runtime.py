@@ -200,6 +200,42 @@ def resolve_loader(lc, machine: Machine) -> LoaderPlan:
     return LoaderPlan(device, pipelines, threads, threads, workers)
 
 
+def spdl_loads_here() -> bool:
+    """SPDL is installed and FFmpeg's shared libraries load in this process (the dynamic
+    linker found them when python started): the SPDL loader can decode in its threads."""
+    global _SPDL_HERE
+    if _SPDL_HERE is None:
+        import importlib.util
+        _SPDL_HERE = False
+        if importlib.util.find_spec("spdl") is not None:
+            try:
+                import spdl.io
+                spdl.io.demux_config()   # loads libspdl, which loads FFmpeg's libraries
+                _SPDL_HERE = True
+            except Exception:   # not installed whole, or no FFmpeg on the library path
+                pass
+    return _SPDL_HERE
+
+
+_SPDL_HERE: bool | None = None
+
+
+def loader_choice(lc, cuda: bool) -> tuple[str, str]:
+    """(loader.kind, loader.pool) with "auto" resolved: DALI where it decodes on a GPU
+    (loader.device=gpu, or auto with one visible); else the fastest CPU loader that runs here
+    (docs/data.md): SPDL where it is installed and FFmpeg's libraries load in this process,
+    else PyAV (pip alone installs it); the two give the same batches, bit for bit. Their
+    batches are made in threads of the training process on a CPU (no hand-over between
+    processes), in worker processes beside a GPU (the training loop keeps the interpreter to
+    itself)."""
+    gpu_dali = lc.device == "gpu" or (lc.device == "auto" and cuda)
+    kind = lc.kind
+    if kind == "auto":
+        kind = "dali" if gpu_dali else "spdl" if spdl_loads_here() else "pyav"
+    pool = lc.pool if lc.pool != "auto" else ("processes" if cuda else "threads")
+    return kind, pool
+
+
 def resolve(cfg, machine: Machine, world: int = 1):
     """A copy of `cfg` with every "auto" setting resolved for `machine` and `world` ranks."""
     from .objectives import Objective
@@ -213,6 +249,7 @@ def resolve(cfg, machine: Machine, world: int = 1):
         m.audio = "default" if cuda else "tiny"
     if tc.precision == "auto":
         tc.precision = "bf16" if cuda else "fp32"
+    lc.kind = loader_choice(lc, cuda)[0]   # loader.pool=auto: the PyAV loader decides
     if lc.device == "auto":
         lc.device = "gpu" if cuda else "cpu"
     if lc.kind == "dali":

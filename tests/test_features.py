@@ -10,6 +10,7 @@ from fastavts.data.features import (
     AudioGeometry,
     LogMel,
     mel_filterbank,
+    normalise_clips,
     video_batch_transform,
     video_transform,
 )
@@ -126,3 +127,12 @@ def test_video_batch_transform_against_float32_and_float64_numpy():
     np.testing.assert_allclose(got.numpy(), ref, atol=1e-5)
     for v, (y, x, f), g in zip(videos, cuts, got):
         assert torch.equal(video_transform(v, y, x, c, f, mean, std), g)
+    # a training batch's size (16 clips of 3 x 16 x 112 x 112: 38 MB of float32, an array
+    # numpy places on huge pages), written into a fresh array and into a given one
+    big = rng.integers(0, 256, size=(16, 3, 16, 112, 112), dtype=np.uint8)
+    ref = (big.astype(np.float32) / np.float32(255) - m32.reshape(1, 3, 1, 1, 1)) \
+        / s32.reshape(1, 3, 1, 1, 1)
+    np.testing.assert_array_equal(normalise_clips(big, mean, std).numpy(), ref)
+    out = torch.full(big.shape, float("nan"))
+    assert normalise_clips(big, mean, std, out=out) is out
+    np.testing.assert_array_equal(out.numpy(), ref)

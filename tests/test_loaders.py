@@ -189,7 +189,7 @@ def test_dali_parallel_source_workers_give_the_same_batches(one_object):
 
 
 def test_dali_cpu_refuses_h264(one_object, tmp_path):
-    cfg = build_config(overrides=BASE)
+    cfg = build_config(overrides=BASE + ["loader.kind=dali"])
     import json
     rows = [json.loads(line) for line in (one_object / "manifest.jsonl").read_text().splitlines()]
     shutil.copytree(one_object, tmp_path / "p")
@@ -573,7 +573,8 @@ def test_pyav_loader_threads_give_the_batches_of_processes(segmented):
              "sampler.clips_per_video=3"]
     kw = dict(total_epochs=2)
     threads = loader(segmented, "pyav", *extra, "loader.workers=2", "loader.pool=threads", **kw)
-    procs = loader(segmented, "pyav", *extra, "loader.workers=1", **kw)
+    procs = loader(segmented, "pyav", *extra, "loader.workers=1", "loader.pool=processes",
+                   **kw)
     alone = loader(segmented, "pyav", *extra, "loader.workers=0", **kw)
     got = [list(L.epoch(0)) + list(L.epoch(1)) for L in (threads, procs, alone)]
     assert len(got[0]) == 2 * len(threads) > 2
@@ -597,6 +598,69 @@ def test_pyav_loader_threads_give_the_batches_of_processes(segmented):
     M.close()
 
 
+@pytest.mark.parametrize("spdl", [False, True])
+@pytest.mark.parametrize("device, cuda, kind, pool", [
+    ("auto", False, "cpu", "threads"),        # a CPU machine: the CPU loader, in threads
+    ("cpu", False, "cpu", "threads"),
+    ("auto", True, "dali", "processes"),      # a GPU: DALI's mixed decoder
+    ("gpu", True, "dali", "processes"),
+    ("gpu", False, "dali", "threads"),        # asked for (and refused later without a GPU)
+    ("cpu", True, "cpu", "processes"),        # DALI kept off the GPU: a CPU loader beside it
+])
+def test_auto_loader_choice(device, cuda, kind, pool, spdl, monkeypatch):
+    """The CPU loader is SPDL where FFmpeg's libraries load in this process, else PyAV."""
+    from fastavts import runtime
+    monkeypatch.setattr(runtime, "_SPDL_HERE", spdl)
+    lc = build_config(overrides=[f"loader.device={device}"]).loader
+    assert (lc.kind, lc.pool) == ("auto", "auto")      # the defaults
+    if kind == "cpu":
+        kind = "spdl" if spdl else "pyav"
+    assert runtime.loader_choice(lc, cuda) == (kind, pool)
+    for k, p in (("spdl", "processes"), ("dali", "threads"), ("memory", "auto"),
+                 ("pyav", "auto")):
+        lc.kind, lc.pool = k, p                          # what is asked is kept
+        assert runtime.loader_choice(lc, cuda) == (k, pool if p == "auto" else p)
+
+
+def test_spdl_loads_here_says_whether_ffmpeg_loads():
+    """The probe behind loader.kind=auto against a fresh interpreter's own attempt."""
+    import subprocess
+    import sys
+
+    from fastavts.runtime import spdl_loads_here
+    code = "import spdl.io\nspdl.io.demux_config()"
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+    assert spdl_loads_here() is fresh
+
+
+def test_default_loader_on_a_cpu_is_the_fastest_here_in_threads(one_object):
+    """No loader.kind, no loader.pool, no GPU: the SPDL loader where its FFmpeg loads in this
+    process, else the PyAV loader, making its batches in threads: the batches of an explicit
+    PyAV loader in worker processes, bit for bit."""
+    from fastavts.runtime import spdl_loads_here
+    cfg = build_config(overrides=[b for b in BASE if b != "loader.workers=0"])
+    L = make_loader(cfg, one_object)
+    assert L.kind == ("spdl" if spdl_loads_here() else "pyav") and L.pool == "threads"
+    assert cfg.loader.kind == "auto"   # the caller's config is left as it was
+    P = loader(one_object, "pyav", "loader.pool=processes", "loader.workers=1")
+    for a, b in zip(L.epoch(0), P.epoch(0)):
+        for k in (*META, "audio", "video"):
+            assert torch.equal(a[k], b[k]), k
+    L.close()
+    P.close()
+
+
+def test_spdl_pool_auto_takes_processes_where_ffmpeg_does_not_load_here(one_object):
+    """loader.kind=spdl with loader.pool=auto on a CPU: threads where FFmpeg's libraries load
+    in this process, else worker processes given loader.ffmpeg_libs (no error)."""
+    pytest.importorskip("spdl", reason="SPDL is an optional extra (pip install 'fastavts[spdl]')")
+    libs = _spdl_libs()
+    L = loader(one_object, "spdl", "loader.workers=1", f"loader.ffmpeg_libs={libs}")
+    assert L.pool == ("processes" if libs == "pyav" else "threads")
+    assert len(next(L.epoch(0))["clip_video"]) == 6
+    L.close()
+
+
 def test_pyav_loader_threads_skip_and_count_a_damaged_file(one_object, tmp_path):
     root, victim = damaged_copy(one_object, tmp_path, 2, 0)
     L = loader(root, "pyav", "sampler.clips_per_video=4", "loader.workers=2",
@@ -617,12 +681,15 @@ extra = ["sampler.pairs=inbatch", "sampler.k=1", "sampler.group_clips=true",
          "sampler.clips_per_video=3"]
 sp = loader(root, "spdl", *extra, "loader.workers=2", "loader.pool=threads")
 pyav = loader(root, "pyav", *extra)
+auto = loader(root, "auto", *extra, "loader.workers=2")   # FFmpeg loads: the default is SPDL
+assert (auto.kind, auto.pool) == ("spdl", "threads"), (auto.kind, auto.pool)
 n = 0
-for a, b in zip(sp.epoch(0), pyav.epoch(0)):
+for a, b, c in zip(sp.epoch(0), pyav.epoch(0), auto.epoch(0)):
     n += 1
     for k in (*META, "audio", "video"):
-        assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a[k], b[k]) and torch.equal(c[k], b[k]), k
 sp.close()
+auto.close()
 assert n == len(sp) > 0
 print("SAME", n)
 """

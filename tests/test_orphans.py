@@ -104,6 +104,7 @@ def test_kill_9_of_train_leaves_no_loader_process(prepared, tmp_path, kind):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fastavts", "train", "-q", "--out", str(out),
            f"train.data={prepared}", f"loader.kind={kind}", "loader.workers=2",
+           "loader.pool=processes",
            "loader.device=cpu", "data.crop=48", "data.clip_frames=8", "data.frame_stride=4",
            "model.video=tiny", "model.audio=tiny", "loader.batch_size=4",
            "sampler.clips_per_video=8", "train.epochs=50", "train.ckpt_every=1",

@@ -8,7 +8,7 @@
             ...              # label, role, clip_video, clip_t0, audio_video, audio_t0,
                              # audio_owner (M or B,), hard_share, faults
 
-`loader.kind` is "dali", "pyav", "memory" (frames decoded once and kept in RAM; small sets
+`loader.kind` is "auto" (the default: "dali" where it decodes on a GPU, else "pyav"), "dali", "pyav", "memory" (frames decoded once and kept in RAM; small sets
 on a CPU), "decord" (the PyAV loader's workers decoding with decord, MMAction2's reader: a
 baseline for the benchmarks) or "spdl" (the PyAV loader's workers decoding with SPDL, the
 fastest CPU decoder; spdl_loader.py says what it needs); all take the same plans and give the
@@ -35,6 +35,14 @@ def make_loader(cfg: Config, root: str | Path, *, mode: str = "train",
     """The loader named by cfg.loader.kind, for this rank's shard (one per rank: under
     torchrun each process makes its own, and DALI runs on the GPU of LOCAL_RANK). `videos`:
     only these video ids of the set (default all)."""
+    if cfg.loader.kind == "auto":   # a config runtime.resolve has not seen
+        import copy
+
+        import torch
+
+        from ..runtime import loader_choice
+        cfg = copy.deepcopy(cfg)
+        cfg.loader.kind = loader_choice(cfg.loader, torch.cuda.is_available())[0]
     r, w = dist_rank_world()
     kw = dict(mode=mode, rank=r if rank is None else rank,
               world_size=w if world_size is None else world_size, total_epochs=total_epochs,

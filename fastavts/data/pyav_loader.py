@@ -176,6 +176,18 @@ class PyAVLoader(BaseLoader):
     _it = None
     _next = None  # (epoch, batch) the running DataLoader yields next
 
+    _pool = None   # a subclass's own choice where loader.pool=auto
+
+    @property
+    def pool(self) -> str:
+        """loader.pool, "auto" resolved (runtime.loader_choice)."""
+        import torch
+
+        from ..runtime import loader_choice
+        if self.cfg.loader.pool == "auto" and self._pool:
+            return self._pool
+        return loader_choice(self.cfg.loader, torch.cuda.is_available())[1]
+
     def _start(self, epoch: int, start: int) -> None:
         import torch
 
@@ -184,7 +196,7 @@ class PyAVLoader(BaseLoader):
         epochs = max(1, self.total_epochs - epoch)
         data = _PlannedBatches(self, epoch, start, epochs)
         self._next = (epoch, start)
-        if lc.pool == "threads" and lc.workers:
+        if self.pool == "threads" and lc.workers:
             self._it = _ThreadedBatches(data, lc.workers, lc.workers * lc.prefetch)
             return
         self._dl = torch.utils.data.DataLoader(

@@ -16,7 +16,8 @@ plain names in a folder of the temp dir, so that nothing beyond pip is needed. T
 linker reads LD_LIBRARY_PATH when a process starts, so that folder reaches worker processes
 (loader.pool=processes, loader.workers >= 1); to decode in the training process
 (loader.pool=threads, the faster on a CPU, or loader.workers=0) start python with the folder
-on LD_LIBRARY_PATH, or have the system's libraries.
+on LD_LIBRARY_PATH, or have the system's libraries. With loader.pool=auto on a CPU the loader
+takes threads where FFmpeg's libraries load in this process, else worker processes.
 
 A batch's clips of one video are read together (decode_cost.decode_runs): one window demuxed
 and decoded per pass, from the keyframe before its first frame, as Dataset.frames does, so the
@@ -151,12 +152,19 @@ class SpdlLoader(PyAVLoader):
         super().__init__(cfg, root, **kw)
         lc = cfg.loader
         first = str(self.root / self.sampler.videos[0]["segments"][0]["path"])
-        in_process = lc.workers == 0 or lc.pool == "threads"
+        in_process = lc.workers == 0 or self.pool == "threads"
         if in_process:   # this process decodes: FFmpeg's libraries must load here
             try:
                 import spdl.io
                 spdl.io.decode_packets(spdl.io.demux_video(first, timestamp=(0.0, 0.1)))
             except Exception as e:
+                if lc.pool == "auto" and lc.workers:
+                    # threads would be the faster, but only processes started with
+                    # loader.ffmpeg_libs on their library path can load FFmpeg here
+                    self._pool = "processes"
+                    probe(first, lc.ffmpeg_libs)
+                    self._env = worker_env(lc.ffmpeg_libs)
+                    return
                 folder = ("$(python -c 'from fastavts.data.spdl_loader import "
                           "pyav_ffmpeg_libs; print(pyav_ffmpeg_libs())')"
                           if lc.ffmpeg_libs in ("", "pyav") else lc.ffmpeg_libs)
