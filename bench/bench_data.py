@@ -11,7 +11,10 @@ and appends one row per loader (and per --pipelines value for DALI) to
 bench/results/data.jsonl as each is done. `decord` is the PyAV loader's workers decoding with
 decord (MMAction2's reader; pip install decord); `decoder` is DALI's video decoder alone on the
 same plans (files and frame indices fed from this thread, no crop, normalisation, audio or
-copy to torch): the ceiling the DALI loader's video pipeline can reach. On a GPU the clock stops after
+copy to torch): the ceiling the DALI loader's video pipeline can reach. The PyAV, SPDL and
+decord loaders hand uint8 video over, which the training step normalises on its device: on a
+GPU each batch's video is copied there and normalised in the timed loop; on a CPU only with
+--normalise (each row says where the video was normalised). On a GPU the clock stops after
 torch.cuda.synchronize(), so batches count only once they are on the device, and NVML's SM
 and NVDEC (video decoder) utilisation are sampled over the timed windows: with enough
 pipelines the loader alone should be decode-engine-bound (NVDEC near 100 %).
@@ -114,10 +117,24 @@ def run_one(kind: str, root: Path, args, pipelines: int = 0) -> dict:
               else make_loader(cfg, root, total_epochs=1000))
     sync = torch.cuda.synchronize if args.device == "gpu" else (lambda: None)
 
+    from fastavts.data.features import VideoNorm
+
+    norm = VideoNorm(cfg.data.mean, cfg.data.std)
+    seen = {}
+
     def batches():
+        # the CPU loaders hand uint8 video over: on a GPU it is copied and normalised there
+        # (what the step does), on a CPU only with --normalise (else the step's work)
         epoch = 0
         while True:
-            yield from loader.epoch(epoch)
+            for b in loader.epoch(epoch):
+                if "video" in b:
+                    seen["dtype"] = str(b["video"].dtype).replace("torch.", "")
+                    if args.device == "gpu":
+                        b["video"] = norm(b["video"].to("cuda", non_blocking=True))
+                    elif args.normalise:
+                        b["video"] = norm(b["video"])
+                yield b
             epoch += 1
 
     it = batches()
@@ -147,6 +164,10 @@ def run_one(kind: str, root: Path, args, pipelines: int = 0) -> dict:
         extra.update(video_pipelines=loader.video_pipelines, threads=loader.threads)
     if kind == "decoder":
         extra = dict(video_pipelines=1, threads=loader.threads_)
+    extra.update(video_dtype=seen.get("dtype"),
+                 normalised_in=("loader" if seen.get("dtype") == "float32" else
+                                "timed loop" if args.device == "gpu" or args.normalise
+                                else "not timed (the step's work)"))
     return dict(loader=kind, **extra, batches_per_epoch=len(loader),
                 clips_per_s_median=round(statistics.median(rates), 2),
                 clips_per_s_min=round(min(rates), 2), clips_per_s_max=round(max(rates), 2),
@@ -169,6 +190,10 @@ def main() -> int:
                     help="loader.pool of the pyav, spdl and decord loaders (auto, the default: "
                     "threads on a CPU; spdl in threads needs FFmpeg's libraries on "
                     "LD_LIBRARY_PATH when python starts, else it takes processes)")
+    ap.add_argument("--normalise", action="store_true",
+                    help="on a CPU, normalise the uint8 video the PyAV, SPDL and decord loaders "
+                    "hand over, in the timed loop (the step's work; DALI normalises in its "
+                    "pipeline); on a GPU it is always copied there and normalised")
     ap.add_argument("--ffmpeg-libs", default="pyav",
                     help="loader.ffmpeg_libs for spdl (default: PyAV's bundled FFmpeg)")
     ap.add_argument("--sampled-rate", action="store_true",
@@ -227,7 +252,8 @@ def main() -> int:
         print(f"{name:7s} on {args.device}: {r['clips_per_s_median']:.1f} clips/s (range "
               f"{r['clips_per_s_min']:.1f}-{r['clips_per_s_max']:.1f}, {r['repeats']} x "
               f"{args.batches} batches of {args.batch_size}), peak RSS {r['peak_rss_mb']} MB, "
-              f"{r['workers']} workers{extra}{gpu}")
+              f"{r['workers']} workers{extra}{gpu}, video {r['video_dtype']} normalised in "
+              f"{r['normalised_in']}")
     best = {k: max((r["clips_per_s_median"] for r in rows.rows if r["loader"] == k), default=None)
             for k in ("dali", "pyav", "decord", "spdl", "decoder")}
     if best["dali"] and best["pyav"]:

@@ -57,11 +57,15 @@ def collect(model, loader, objective, device, autocast) -> dict:
     pair."""
     import torch
 
+    from .data.features import VideoNorm
+
+    d = loader.cfg.data
+    norm = VideoNorm(d.mean, d.std)   # uint8 video is normalised on the device
     model.eval()
     out = {"score": [], "role": [], "video": []}
     with torch.no_grad(), autocast():
         for b in loader.epoch(0):
-            v, a, fv, fa = model(b["video"].to(device, non_blocking=True),
+            v, a, fv, fa = model(norm(b["video"].to(device, non_blocking=True)),
                                  b["audio"].to(device, non_blocking=True))
             out["score"].append(objective.scores(model, v, a, fv, fa).float().cpu().numpy())
             out["role"].append(b["role"].numpy())

@@ -154,11 +154,13 @@ def evaluate_clips(model, cfg, prepared, test_ids: list[str], label_of: dict, de
     vids = [v["id"] for v in loader.sampler.videos]
     probs = {i: [] for i in range(len(vids))}
     correct = n = 0
+    from .data.features import VideoNorm
+    norm = VideoNorm(cfg.data.mean, cfg.data.std)   # uint8 video is normalised on the device
     model.eval()
     try:
         with torch.no_grad(), autocast():
             for b in loader.epoch(0):
-                p = model(b["video"].to(device)).float().softmax(1).cpu()
+                p = model(norm(b["video"].to(device))).float().softmax(1).cpu()
                 for vi, row in zip(b["clip_video"].tolist(), p):
                     probs[vi].append(row)
                     correct += int(row.argmax()) == label_of[vids[vi]]

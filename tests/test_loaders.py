@@ -75,6 +75,14 @@ def assert_same_crop(x, y):
 META = ["label", "role", "clip_video", "clip_t0", "audio_video", "audio_t0", "audio_owner"]
 
 
+def nv(batch) -> torch.Tensor:
+    """A batch's video as the model takes it: the CPU loaders' uint8 crops normalised as the
+    step does (features.VideoNorm), DALI's float video as it is."""
+    from fastavts.data.features import VideoNorm
+    d = build_config().data
+    return VideoNorm(d.mean, d.std)(batch["video"])
+
+
 @pytest.mark.parametrize("pairs", ["pairs=paired", "pairs=inbatch", "paired_windows=2"])
 def test_dali_and_pyav_give_the_same_batches(one_object, pairs):
     extra = [f"sampler.{pairs}", "sampler.k=2", "sampler.curriculum=[[0,0.5]]"]
@@ -86,15 +94,18 @@ def test_dali_and_pyav_give_the_same_batches(one_object, pairs):
             assert torch.equal(a[k], b[k]), k
         B, M = len(a["clip_video"]), len(a["role"])
         assert a["video"].shape == b["video"].shape == (B, 3, 16, 112, 112)
+        # DALI normalises in its pipeline; PyAV hands uint8 over, normalised by the step
+        assert a["video"].dtype == torch.float32 and b["video"].dtype == torch.uint8
         assert a["audio"].shape == b["audio"].shape == (M, 1, 64, 128)
         assert M == {"pairs=inbatch": 3 * B, "paired_windows=2": 2 * B}.get(pairs, B)
         # frames: the two decoders differ only by YUV->RGB rounding (~1.5 of 255)
-        err = (a["video"] - b["video"]).abs().mean(dim=(1, 3, 4))     # (B, T)
-        shifted = (a["video"][:, :, 1:] - b["video"][:, :, :-1]).abs().mean(dim=(1, 3, 4))
+        va, vb = a["video"], nv(b)
+        err = (va - vb).abs().mean(dim=(1, 3, 4))     # (B, T)
+        shifted = (va[:, :, 1:] - vb[:, :, :-1]).abs().mean(dim=(1, 3, 4))
         print("video err", err.mean().item(), "vs one frame off", shifted.mean().item())
         assert err.max() < 0.06                    # in normalised units (1/255/0.22 = 0.018)
         assert (err[:, 1:] < shifted).float().mean() > 0.95
-        assert_same_crop(a["video"], b["video"])
+        assert_same_crop(va, vb)
         # log-mel: the same float32 arithmetic on both sides, to a few thousandths of a dB
         loud = b["audio"] > -60
         aerr = (a["audio"] - b["audio"]).abs()
@@ -223,7 +234,7 @@ def test_segmented_files_give_the_same_batches_in_both_loaders(segmented):
             segs = dali.sampler.videos[vi]["segments"]
             assert any(s["start_frame"] <= f0 and f0 + 32 <= s["start_frame"] + s["num_frames"]
                        for s in segs)
-        assert (a["video"] - b["video"]).abs().mean() < 0.04  # YUV->RGB rounding only
+        assert (a["video"] - nv(b)).abs().mean() < 0.04  # YUV->RGB rounding only
         assert (a["audio"] - b["audio"]).abs().max() < 0.02
     assert n == len(dali)
 
@@ -308,7 +319,7 @@ def test_frames_past_the_end_of_a_file_are_a_fault_not_black_frames(one_object, 
         for vi, t0 in zip(b["clip_video"].tolist(), b["clip_t0"].tolist()):
             if vi == bad:   # a clip of the victim only where the file still has its frames
                 assert round(t0 * 25) + 32 <= keep
-        flat = b["video"].flatten(3).std(-1)                 # (B, 3, T): 0 for a constant frame
+        flat = nv(b).flatten(3).std(-1)                      # (B, 3, T): 0 for a constant frame
         assert (flat > 1e-3).all(), "a constant (padded) frame in the batch"
     assert n == len(L) and L.faults[victim["id"]] >= 1
     assert "could not be decoded" in L.fault_log[0]["error"]
@@ -419,7 +430,7 @@ def test_gpu_mixed_decoder_on_h264_gives_the_pyav_batches(h264_set, pipes):
         assert a["video"].is_cuda and a["audio"].is_cuda
         for k in META:
             assert torch.equal(a[k].cpu(), b[k]), k
-        va, vb = a["video"].cpu(), b["video"]
+        va, vb = a["video"].cpu(), nv(b)
         err = (va - vb).abs().mean(dim=(1, 3, 4))
         shifted = (va[:, :, 1:] - vb[:, :, :-1]).abs().mean(dim=(1, 3, 4))
         print("video err", err.mean().item(), "one frame off", shifted.mean().item())
@@ -454,11 +465,12 @@ def test_decord_loader_gives_the_pyav_batches(root, request):
             assert torch.equal(a[k], b[k]), k
         assert torch.equal(a["audio"], b["audio"])
         assert a["video"].shape == b["video"].shape
-        err = (a["video"] - b["video"]).abs().mean(dim=(1, 3, 4))
-        shifted = (b["video"][:, :, 1:] - b["video"][:, :, :-1]).abs().mean(dim=(1, 3, 4))
+        va, vb = nv(a), nv(b)
+        err = (va - vb).abs().mean(dim=(1, 3, 4))
+        shifted = (vb[:, :, 1:] - vb[:, :, :-1]).abs().mean(dim=(1, 3, 4))
         assert err.max() < 0.06
         assert (err[:, 1:] < shifted).float().mean() > 0.95
-        assert_same_crop(a["video"], b["video"])
+        assert_same_crop(va, vb)
     assert n == len(dec) == len(pyav) > 0
 
 

@@ -119,27 +119,59 @@ class LogMel:
         return logmel.transpose(1, 2).unsqueeze(1).contiguous()         # (M, 1, n_mels, F)
 
 
+class VideoNorm:
+    """The model's video input from a batch's video: uint8 (B, 3, T, crop, crop), as the
+    PyAV, SPDL, decord and in-memory loaders hand it over (a quarter of the bytes of float32
+    to copy to the device), -> float32 (x/255 - mean) / std on the tensor's device; a float
+    video (DALI's, normalised in its pipeline) is returned as it is. The constants are made
+    once per device, so a step makes no host-to-device copy for them."""
+
+    def __init__(self, mean, std):
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._consts: dict = {}
+
+    def consts(self, device):
+        """(mean, std) as float32 (1, 3, 1, 1, 1) tensors on `device`, made once (a trainer
+        makes them before its first step: the copy to a GPU waits for the host)."""
+        import torch
+
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev not in self._consts:
+            self._consts[dev] = tuple(
+                torch.tensor(c, dtype=torch.float32).view(1, 3, 1, 1, 1).to(dev)
+                for c in (self.mean, self.std))
+        return self._consts[dev]
+
+    def __call__(self, video, out=None):
+        import torch
+
+        if video.is_floating_point():
+            return video
+        dev = video.device
+        m, s = self.consts(dev)
+        if out is None and dev.type == "cpu":   # numpy's allocator: it asks the kernel for
+            # huge pages where the array is large, so the first touch of a fresh batch
+            # faults 512x fewer pages than torch's
+            out = torch.from_numpy(np.empty(tuple(video.shape), np.float32))
+        x = video.float() if out is None else out.copy_(video)
+        return x.div_(255).sub_(m).div_(s)
+
+
 def normalise_clips(clips: np.ndarray, mean, std, out=None):
-    """uint8 (B, 3, T, crop, crop) -> float32, (x/255 - mean) / std. `out`: a float32 tensor
-    of that shape to write into (a DataLoader worker's, in shared memory: sent without a
-    copy), the same values."""
+    """uint8 (B, 3, T, crop, crop) -> float32, (x/255 - mean) / std (VideoNorm on the host).
+    `out`: a float32 tensor of that shape to write into, the same values."""
     import torch
 
-    x = torch.from_numpy(clips)
-    if out is None:   # numpy's allocator: it asks the kernel for huge pages where the array
-        # is large, so the first touch of a fresh batch faults 512x fewer pages than torch's
-        out = torch.from_numpy(np.empty(clips.shape, np.float32))
-    x = out.copy_(x).div_(255)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1, 1)
-    return x.sub_(m).div_(s)
+    return VideoNorm(mean, std)(torch.from_numpy(clips), out=out)
 
 
 def video_batch_transform(crops: np.ndarray, mean, std):
     """uint8 (B, T, crop, crop, 3), already cut and flipped -> float32 (B, 3, T, crop, crop),
     (x/255 - mean) / std: the whole batch at once (clip by clip it took twice as long for the
-    CPU demo's batch: bench/bench_demo_step.py). build_batch cuts its crops channels-first
-    and calls normalise_clips: one copy fewer, the same values."""
+    CPU demo's batch: bench/bench_demo_step.py). build_batch cuts its crops channels-first and
+    hands them over as uint8; the step normalises them with VideoNorm: the same values."""
     return normalise_clips(np.ascontiguousarray(crops.transpose(0, 4, 1, 2, 3)), mean, std)
 
 

@@ -3,7 +3,9 @@
     loader = make_loader(cfg, "data/synth_prepared", mode="train", total_epochs=10)
     for epoch in range(10):
         for batch in loader.epoch(epoch):
-            batch["video"]   # (B, 3, T, crop, crop) float32, normalised
+            batch["video"]   # (B, 3, T, crop, crop): float32 normalised (DALI) or uint8
+                             # crops (the CPU loaders), normalised by the step on its device
+                             # (features.VideoNorm)
             batch["audio"]   # (M, 1, n_mels, frames) float32 log-mel; M = B or B(1+k)
             ...              # label, role, clip_video, clip_t0, audio_video, audio_t0,
                              # audio_owner (M or B,), hard_share, faults

@@ -10,7 +10,7 @@ from contextlib import nullcontext
 import numpy as np
 
 from .base_loader import BaseLoader, plan_meta, substitute
-from .features import AudioGeometry, LogMel, audio_window, normalise_clips
+from .features import AudioGeometry, LogMel, audio_window
 
 
 class _PlannedBatches:
@@ -97,7 +97,9 @@ class _ThreadedBatches:
 
 def build_batch(ds, videos: list[dict], plan: dict, d, geo: AudioGeometry, logmel,
                 rng=None, audio_features=None) -> dict:
-    """Decode and transform one planned batch (the reference path). `rng(name)`: an optional
+    """Decode and transform one planned batch (the reference path): the video as uint8 crops
+    (B, 3, T, crop, crop), flipped where planned, that the step normalises on the device
+    (features.VideoNorm); the log-mel as float32. `rng(name)`: an optional
     named-range context (profiler / NVTX) around decoding and the audio features.
     `audio_features(plan)`: the (M, 1, n_mels, frames) log-mel of the plan's windows from
     somewhere else (the memory loader's per-video cache); default: each window read from the
@@ -107,7 +109,14 @@ def build_batch(ds, videos: list[dict], plan: dict, d, geo: AudioGeometry, logme
     rng = rng or (lambda name: nullcontext())
     T, s, c = d.clip_frames, d.frame_stride, d.crop
     # cut channels-first: the layout the model takes, so one copy makes it (features.py)
-    crops = np.empty((len(plan["clip_video"]), 3, T, c, c), np.uint8)
+    shape = (len(plan["clip_video"]), 3, T, c, c)
+    if torch.utils.data.get_worker_info() is not None:
+        # a DataLoader worker's: cut straight into shared memory (its queue would copy it)
+        video = torch.empty(shape, dtype=torch.uint8).share_memory_()
+        crops = video.numpy()
+    else:
+        crops = np.empty(shape, np.uint8)
+        video = torch.from_numpy(crops)
     bad = {}
     with rng("decode"):
         for vi, clips in _clips_by_video(plan, shared=getattr(ds, "shares_spans", False)):
@@ -138,12 +147,8 @@ def build_batch(ds, videos: list[dict], plan: dict, d, geo: AudioGeometry, logme
             plan = substitute(plan, set(bad))
             for i, j in plan["donor"].items():
                 crops[i] = crops[j]
-        out = None
-        if torch.utils.data.get_worker_info() is not None:
-            # written straight into shared memory: the DataLoader's queue would copy it there
-            B = crops.shape[0]
-            out = torch.empty((B, 3, T, c, c)).share_memory_()
-        video = normalise_clips(crops, d.mean, d.std, out=out)
+        # `video` (the crops) stays uint8: the step normalises it on the device
+        # (features.VideoNorm)
     with rng("audio_features"):
         if audio_features is not None:
             audio = audio_features(plan)
