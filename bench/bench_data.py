@@ -92,7 +92,7 @@ def decoder_batches(root: Path, args, cfg):
 
 
 WORKER_LOADERS = ("pyav", "decord", "spdl", "auto")   # workers: --pyav-workers (auto: the
-# default loader.kind, the PyAV loader on a CPU)
+# default loader.kind, on a CPU SPDL or PyAV)
 
 
 def run_one(kind: str, root: Path, args, pipelines: int = 0) -> dict:
@@ -183,8 +183,8 @@ def main() -> int:
     ap.add_argument("--loader", nargs="+",
                     choices=["auto", "dali", "pyav", "decord", "spdl", "decoder"],
                     default=["dali", "pyav"],
-                    help="auto: the default loader.kind (the PyAV loader on a CPU, DALI on a "
-                    "GPU); decord: pip install decord; spdl: pip install 'fastavts[spdl]' "
+                    help="auto: the default loader.kind (on a CPU SPDL where its FFmpeg loads, "
+                    "else PyAV; DALI on a GPU); decord: pip install decord; spdl: pip install 'fastavts[spdl]' "
                     "(--ffmpeg-libs); decoder: DALI's video decoder alone")
     ap.add_argument("--pool", choices=["auto", "processes", "threads"], default="auto",
                     help="loader.pool of the pyav, spdl and decord loaders (auto, the default: "

@@ -172,8 +172,8 @@ class SamplerConfig:
 
 @dataclass
 class LoaderConfig:
-    """How batches are decoded: DALI (on a GPU; its CPU decoder on request), PyAV (the CPU
-    default), SPDL or decord, or from frames decoded once and kept in memory (small sets on a
+    """How batches are decoded: DALI (on a GPU; its CPU decoder on request), SPDL or PyAV
+    (the CPU default: SPDL where its FFmpeg loads, else PyAV), decord, or from frames decoded once and kept in memory (small sets on a
     CPU)."""
     kind: str = _f("auto", "auto: dali where it decodes on a GPU (loader.device=gpu, or auto "
                    "with one visible), else spdl where it is installed and FFmpeg's libraries "

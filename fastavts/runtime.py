@@ -24,6 +24,7 @@ config changes nothing (a resumed run keeps what it started with).
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import random
 from dataclasses import dataclass
@@ -200,24 +201,19 @@ def resolve_loader(lc, machine: Machine) -> LoaderPlan:
     return LoaderPlan(device, pipelines, threads, threads, workers)
 
 
+@functools.cache
 def spdl_loads_here() -> bool:
     """SPDL is installed and FFmpeg's shared libraries load in this process (the dynamic
     linker found them when python started): the SPDL loader can decode in its threads."""
-    global _SPDL_HERE
-    if _SPDL_HERE is None:
-        import importlib.util
-        _SPDL_HERE = False
-        if importlib.util.find_spec("spdl") is not None:
-            try:
-                import spdl.io
-                spdl.io.demux_config()   # loads libspdl, which loads FFmpeg's libraries
-                _SPDL_HERE = True
-            except Exception:   # not installed whole, or no FFmpeg on the library path
-                pass
-    return _SPDL_HERE
-
-
-_SPDL_HERE: bool | None = None
+    import importlib.util
+    if importlib.util.find_spec("spdl") is None:
+        return False
+    try:
+        import spdl.io
+        spdl.io.demux_config()   # loads libspdl, which loads FFmpeg's libraries
+        return True
+    except Exception:   # not installed whole, or no FFmpeg on the library path
+        return False
 
 
 def loader_choice(lc, cuda: bool) -> tuple[str, str]:

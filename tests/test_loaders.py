@@ -622,7 +622,7 @@ def test_pyav_loader_threads_give_the_batches_of_processes(segmented):
 def test_auto_loader_choice(device, cuda, kind, pool, spdl, monkeypatch):
     """The CPU loader is SPDL where FFmpeg's libraries load in this process, else PyAV."""
     from fastavts import runtime
-    monkeypatch.setattr(runtime, "_SPDL_HERE", spdl)
+    monkeypatch.setattr(runtime, "spdl_loads_here", lambda: spdl)
     lc = build_config(overrides=[f"loader.device={device}"]).loader
     assert (lc.kind, lc.pool) == ("auto", "auto")      # the defaults
     if kind == "cpu":

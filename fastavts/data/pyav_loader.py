@@ -189,9 +189,7 @@ class PyAVLoader(BaseLoader):
         import torch
 
         from ..runtime import loader_choice
-        if self.cfg.loader.pool == "auto" and self._pool:
-            return self._pool
-        return loader_choice(self.cfg.loader, torch.cuda.is_available())[1]
+        return self._pool or loader_choice(self.cfg.loader, torch.cuda.is_available())[1]
 
     def _start(self, epoch: int, start: int) -> None:
         import torch

@@ -161,7 +161,7 @@ class SpdlLoader(PyAVLoader):
                 if lc.pool == "auto" and lc.workers:
                     # threads would be the faster, but only processes started with
                     # loader.ffmpeg_libs on their library path can load FFmpeg here
-                    self._pool = "processes"
+                    self._pool = "processes"   # (only where loader.pool=auto)
                     probe(first, lc.ffmpeg_libs)
                     self._env = worker_env(lc.ffmpeg_libs)
                     return
