@@ -12,9 +12,10 @@ bench/results/data.jsonl as each is done. `decord` is the PyAV loader's workers 
 decord (MMAction2's reader; pip install decord); `decoder` is DALI's video decoder alone on the
 same plans (files and frame indices fed from this thread, no crop, normalisation, audio or
 copy to torch): the ceiling the DALI loader's video pipeline can reach. The PyAV, SPDL and
-decord loaders hand uint8 video over, which the training step normalises on its device: on a
-GPU each batch's video is copied there and normalised in the timed loop; on a CPU only with
---normalise (each row says where the video was normalised). On a GPU the clock stops after
+decord loaders hand uint8 video and int16 sound windows over, which the training step makes
+into the model's inputs (normalised video, log-mel) on its device: on a GPU each batch is
+copied there and made so in the timed loop; on a CPU only with --normalise (each row says
+where). On a GPU the clock stops after
 torch.cuda.synchronize(), so batches count only once they are on the device, and NVML's SM
 and NVDEC (video decoder) utilisation are sampled over the timed windows: with enough
 pipelines the loader alone should be decode-engine-bound (NVDEC near 100 %).
@@ -117,23 +118,29 @@ def run_one(kind: str, root: Path, args, pipelines: int = 0) -> dict:
               else make_loader(cfg, root, total_epochs=1000))
     sync = torch.cuda.synchronize if args.device == "gpu" else (lambda: None)
 
-    from fastavts.data.features import VideoNorm
+    from fastavts.data.features import ModelInputs
 
-    norm = VideoNorm(cfg.data.mean, cfg.data.std)
+    inputs = ModelInputs(cfg.data)
+    inputs.prepare("cuda" if args.device == "gpu" else "cpu")
     seen = {}
 
     def batches():
-        # the CPU loaders hand uint8 video over: on a GPU it is copied and normalised there
-        # (what the step does), on a CPU only with --normalise (else the step's work)
+        # the CPU loaders hand uint8 video and int16 sound over: on a GPU they are copied and
+        # made into the model's inputs there (what the step does), on a CPU only with
+        # --normalise (else the step's work)
         epoch = 0
         while True:
             for b in loader.epoch(epoch):
                 if "video" in b:
                     seen["dtype"] = str(b["video"].dtype).replace("torch.", "")
+                    if "audio" in b:
+                        seen["audio"] = str(b["audio"].dtype).replace("torch.", "")
                     if args.device == "gpu":
-                        b["video"] = norm(b["video"].to("cuda", non_blocking=True))
+                        b = inputs({k: (t.to("cuda", non_blocking=True)
+                                        if k in ("video", "audio") else t)
+                                    for k, t in b.items()})
                     elif args.normalise:
-                        b["video"] = norm(b["video"])
+                        b = inputs(b)
                 yield b
             epoch += 1
 
@@ -164,10 +171,10 @@ def run_one(kind: str, root: Path, args, pipelines: int = 0) -> dict:
         extra.update(video_pipelines=loader.video_pipelines, threads=loader.threads)
     if kind == "decoder":
         extra = dict(video_pipelines=1, threads=loader.threads_)
-    extra.update(video_dtype=seen.get("dtype"),
-                 normalised_in=("loader" if seen.get("dtype") == "float32" else
-                                "timed loop" if args.device == "gpu" or args.normalise
-                                else "not timed (the step's work)"))
+    extra.update(video_dtype=seen.get("dtype"), audio_dtype=seen.get("audio"),
+                 model_inputs_in=("loader" if seen.get("dtype") == "float32" else
+                                  "timed loop" if args.device == "gpu" or args.normalise
+                                  else "not timed (the step's work)"))
     return dict(loader=kind, **extra, batches_per_epoch=len(loader),
                 clips_per_s_median=round(statistics.median(rates), 2),
                 clips_per_s_min=round(min(rates), 2), clips_per_s_max=round(max(rates), 2),
@@ -191,9 +198,10 @@ def main() -> int:
                     "threads on a CPU; spdl in threads needs FFmpeg's libraries on "
                     "LD_LIBRARY_PATH when python starts, else it takes processes)")
     ap.add_argument("--normalise", action="store_true",
-                    help="on a CPU, normalise the uint8 video the PyAV, SPDL and decord loaders "
-                    "hand over, in the timed loop (the step's work; DALI normalises in its "
-                    "pipeline); on a GPU it is always copied there and normalised")
+                    help="on a CPU, make the model's inputs (normalised video, log-mel) of the "
+                    "uint8 video and int16 sound the PyAV, SPDL and decord loaders hand over, "
+                    "in the timed loop (the step's work; DALI does it in its pipelines); on a "
+                    "GPU they are always copied there and made so")
     ap.add_argument("--ffmpeg-libs", default="pyav",
                     help="loader.ffmpeg_libs for spdl (default: PyAV's bundled FFmpeg)")
     ap.add_argument("--sampled-rate", action="store_true",
@@ -252,8 +260,8 @@ def main() -> int:
         print(f"{name:7s} on {args.device}: {r['clips_per_s_median']:.1f} clips/s (range "
               f"{r['clips_per_s_min']:.1f}-{r['clips_per_s_max']:.1f}, {r['repeats']} x "
               f"{args.batches} batches of {args.batch_size}), peak RSS {r['peak_rss_mb']} MB, "
-              f"{r['workers']} workers{extra}{gpu}, video {r['video_dtype']} normalised in "
-              f"{r['normalised_in']}")
+              f"{r['workers']} workers{extra}{gpu}, video {r['video_dtype']} and audio "
+              f"{r['audio_dtype']}, model inputs made in {r['model_inputs_in']}")
     best = {k: max((r["clips_per_s_median"] for r in rows.rows if r["loader"] == k), default=None)
             for k in ("dali", "pyav", "decord", "spdl", "decoder")}
     if best["dali"] and best["pyav"]:

@@ -179,7 +179,7 @@ class LoaderConfig:
                    "with one visible), else spdl where it is installed and FFmpeg's libraries "
                    "load in this process, else pyav (the same batches); "
                    "dali: fn.decoders.video + DALI log-mel; pyav: "
-                   "workers decoding with PyAV, log-mel in PyTorch; memory: each video decoded "
+                   "workers decoding with PyAV, log-mel in PyTorch in the step; memory: each video decoded "
                    "once (PyAV) and kept in RAM, batches cut from it in the training process "
                    "(small sets on a CPU, where decoding would take the cores the model needs); "
                    "decord: the pyav loader decoding with decord (a benchmark baseline; "

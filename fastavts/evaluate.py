@@ -57,16 +57,15 @@ def collect(model, loader, objective, device, autocast) -> dict:
     pair."""
     import torch
 
-    from .data.features import VideoNorm
+    from .data.features import ModelInputs
 
-    d = loader.cfg.data
-    norm = VideoNorm(d.mean, d.std)   # uint8 video is normalised on the device
+    inputs = ModelInputs(loader.cfg.data)   # uint8 video, int16 sound: made on the device
     model.eval()
     out = {"score": [], "role": [], "video": []}
     with torch.no_grad(), autocast():
         for b in loader.epoch(0):
-            v, a, fv, fa = model(norm(b["video"].to(device, non_blocking=True)),
-                                 b["audio"].to(device, non_blocking=True))
+            x = inputs({k: b[k].to(device, non_blocking=True) for k in ("video", "audio")})
+            v, a, fv, fa = model(x["video"], x["audio"])
             out["score"].append(objective.scores(model, v, a, fv, fa).float().cpu().numpy())
             out["role"].append(b["role"].numpy())
             out["video"].append(b["clip_video"].numpy())

@@ -131,7 +131,7 @@ def test_clips_cut_from_one_pass_equal_clips_decoded_alone(prepared):
     """The PyAV loader reads a batch's clips of one video in shared passes: the clips cut from
     them equal each clip decoded alone and a plain decode of the whole video, pixel for pixel;
     PyAV decodes what plan_decoded_frames(shared=True) says, less than clip by clip."""
-    from fastavts.data.features import AudioGeometry, LogMel
+    from fastavts.data.features import AudioGeometry
     from fastavts.data.pyav_loader import _clips_by_video, build_batch
 
     cfg = small_cfg("data.clip_frames=8", "data.frame_stride=4", "data.crop=48",
@@ -172,10 +172,9 @@ def test_clips_cut_from_one_pass_equal_clips_decoded_alone(prepared):
             return self._ds.frames(vid, idx)
 
     geo = AudioGeometry(d)
-    logmel = LogMel(geo)
     plan = loader.sampler.plan(0, 1)
-    a = build_batch(ds, videos, plan, d, geo, logmel)
-    b = build_batch(OneByOne(alone), videos, plan, d, geo, logmel)
+    a = build_batch(ds, videos, plan, d, geo)
+    b = build_batch(OneByOne(alone), videos, plan, d, geo)
     assert a["video"].shape[0] == 8
     np.testing.assert_array_equal(a["video"].numpy(), b["video"].numpy())
     loader.close()

@@ -7,8 +7,12 @@ import torch
 
 from fastavts.config import build_config
 from fastavts.data.features import (
+    AudioFeatures,
     AudioGeometry,
     LogMel,
+    ModelInputs,
+    audio_pcm_window,
+    audio_window,
     mel_filterbank,
     normalise_clips,
     video_batch_transform,
@@ -136,3 +140,71 @@ def test_video_batch_transform_against_float32_and_float64_numpy():
     out = torch.full(big.shape, float("nan"))
     assert normalise_clips(big, mean, std, out=out) is out
     np.testing.assert_array_equal(out.numpy(), ref)
+
+
+class _Bank:
+    def __init__(self, pcm):
+        self.pcm = pcm
+
+
+@pytest.mark.parametrize("overrides", [[], ["data.sample_rate=22050", "data.win_ms=23",
+                                             "data.hop_ms=7", "data.n_fft=1024",
+                                             "data.n_mels=80"]])
+def test_int16_windows_become_the_log_mel_on_the_device(overrides):
+    """What the PyAV/SPDL/decord loaders hand over (int16 windows, zeros outside the sound)
+    made into log-mel by the step (AudioFeatures): against the float64 formulas on windows cut
+    by NumPy from the samples, and bit for bit the float path (audio_window -> LogMel) the
+    loaders took before; also inside autocast (float32 all the same); a float log-mel passes."""
+    d = build_config(overrides=overrides).data
+    geo = AudioGeometry(d)
+    rng = np.random.default_rng(5)
+    n, off = 3 * geo.sr + 17, 1234        # a video's sound, after another's in the bank
+    t = np.arange(n) / geo.sr
+    sound = 0.4 * np.sin(2 * np.pi * 660 * t) + 0.1 * rng.standard_normal(n)
+    pcm = np.concatenate([rng.integers(-3000, 3000, off), np.round(sound * 20000),
+                          rng.integers(-3000, 3000, 99)]).astype(np.int16)
+    bank = _Bank(pcm)
+    rec = dict(audio_start=0.0, audio_offset=off, audio_samples=n)
+    t0s = [0.0, 0.5, 1.234, -0.2, n / geo.sr - 0.6, n / geo.sr + 0.1]   # in, before, past
+    wins = np.stack([audio_pcm_window(bank, rec, t0, geo) for t0 in t0s])
+    assert wins.dtype == np.int16 and wins.shape == (len(t0s), geo.length)
+    floats = np.stack([audio_window(bank, rec, t0, geo) for t0 in t0s])
+    feats = AudioFeatures(geo)
+    got = feats(torch.from_numpy(wins))
+    assert got.dtype == torch.float32 and got.shape == (len(t0s), 1, geo.n_mels, geo.frames)
+    assert torch.equal(got, LogMel(geo)(torch.from_numpy(floats)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(feats(torch.from_numpy(wins)), got)
+    samples = pcm[off:off + n].astype(np.float64) / 32768
+    for k, t0 in enumerate(t0s):
+        first = int(round(t0 * geo.sr)) - geo.win // 2
+        idx = np.arange(first, first + geo.length)
+        x = np.where((idx >= 0) & (idx < n), samples[np.clip(idx, 0, n - 1)], 0.0)
+        ref = reference_logmel(x, geo.sr, geo.win, geo.hop, geo.n_fft, geo.n_mels, geo.fmin,
+                               geo.fmax, geo.floor_db)
+        big = ref > geo.floor_db + 40
+        if k < 3:
+            assert big.mean() > 0.5
+        np.testing.assert_allclose(got[k, 0].numpy()[big], ref[big], atol=2e-3)
+        np.testing.assert_allclose(got[k, 0].numpy()[~big], ref[~big], atol=0.5)
+    assert feats(got) is got
+
+
+def test_model_inputs_make_what_the_model_takes():
+    """A CPU loader's batch (uint8 video, int16 sound) and DALI's (float video and log-mel):
+    the model's inputs, the other keys as they were."""
+    d = build_config().data
+    geo = AudioGeometry(d)
+    rng = np.random.default_rng(6)
+    video = torch.from_numpy(rng.integers(0, 256, (2, 3, 4, 9, 9), dtype=np.uint8))
+    audio = torch.from_numpy(rng.integers(-9000, 9000, (3, geo.length)).astype(np.int16))
+    inputs = ModelInputs(d)
+    inputs.prepare("cpu")
+    got = inputs(dict(video=video, audio=audio, role=torch.arange(3)))
+    m = torch.tensor(d.mean).view(1, 3, 1, 1, 1)
+    s = torch.tensor(d.std).view(1, 3, 1, 1, 1)
+    assert torch.equal(got["video"], (video.float() / 255 - m) / s)
+    assert torch.equal(got["audio"], LogMel(geo)(audio.float() / 32768))
+    assert torch.equal(got["role"], torch.arange(3))
+    again = inputs(got)
+    assert again["video"] is got["video"] and again["audio"] is got["audio"]

@@ -49,6 +49,9 @@ SETTINGS = {
                            "loss.impl=triton"],
     "fp16_scaler": ["loss.kind=infonce", "sampler.pairs=inbatch", "sampler.k=1",
                     "train.precision=fp16"],
+    # uint8 video and int16 sound windows, made into the model's inputs in the step
+    "pyav_inputs_in_the_step": ["loss.kind=infonce", "sampler.pairs=inbatch", "sampler.k=1",
+                                "loader.kind=pyav", "loader.workers=0"],
 }
 
 

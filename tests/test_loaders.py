@@ -77,10 +77,16 @@ META = ["label", "role", "clip_video", "clip_t0", "audio_video", "audio_t0", "au
 
 def nv(batch) -> torch.Tensor:
     """A batch's video as the model takes it: the CPU loaders' uint8 crops normalised as the
-    step does (features.VideoNorm), DALI's float video as it is."""
-    from fastavts.data.features import VideoNorm
-    d = build_config().data
-    return VideoNorm(d.mean, d.std)(batch["video"])
+    step does (features.ModelInputs), DALI's float video as it is."""
+    from fastavts.data.features import ModelInputs
+    return ModelInputs(build_config().data)(dict(video=batch["video"]))["video"]
+
+
+def na(batch) -> torch.Tensor:
+    """A batch's audio as the model takes it: the CPU loaders' int16 windows made into the
+    log-mel as the step does (features.ModelInputs), a float log-mel as it is."""
+    from fastavts.data.features import ModelInputs
+    return ModelInputs(build_config().data)(dict(audio=batch["audio"]))["audio"]
 
 
 @pytest.mark.parametrize("pairs", ["pairs=paired", "pairs=inbatch", "paired_windows=2"])
@@ -96,7 +102,9 @@ def test_dali_and_pyav_give_the_same_batches(one_object, pairs):
         assert a["video"].shape == b["video"].shape == (B, 3, 16, 112, 112)
         # DALI normalises in its pipeline; PyAV hands uint8 over, normalised by the step
         assert a["video"].dtype == torch.float32 and b["video"].dtype == torch.uint8
-        assert a["audio"].shape == b["audio"].shape == (M, 1, 64, 128)
+        # DALI makes the log-mel in its pipeline; PyAV hands the windows over as int16
+        assert b["audio"].dtype == torch.int16 and b["audio"].shape == (M, 127 * 160 + 400)
+        assert a["audio"].shape == na(b).shape == (M, 1, 64, 128)
         assert M == {"pairs=inbatch": 3 * B, "paired_windows=2": 2 * B}.get(pairs, B)
         # frames: the two decoders differ only by YUV->RGB rounding (~1.5 of 255)
         va, vb = a["video"], nv(b)
@@ -107,8 +115,8 @@ def test_dali_and_pyav_give_the_same_batches(one_object, pairs):
         assert (err[:, 1:] < shifted).float().mean() > 0.95
         assert_same_crop(va, vb)
         # log-mel: the same float32 arithmetic on both sides, to a few thousandths of a dB
-        loud = b["audio"] > -60
-        aerr = (a["audio"] - b["audio"]).abs()
+        loud = na(b) > -60
+        aerr = (a["audio"] - na(b)).abs()
         print("audio err dB max", aerr[loud].max().item())
         assert aerr[loud].max() < 0.02 and loud.float().mean() > 0.5
     assert n == len(dali) == len(pyav) > 0
@@ -137,6 +145,7 @@ def test_positive_windows_sound_where_the_clip_shows_impacts(one_object, kind):
     tol = 0.04 + 0.012  # one video frame, plus half a 25 ms analysis window
     pos, hard = [], []
     for b in L.epoch(0):
+        logmel = na(b)
         for i in range(len(b["clip_video"])):
             v = L.sampler.videos[int(b["clip_video"][i])]
             t0 = float(b["clip_t0"][i])
@@ -145,7 +154,7 @@ def test_positive_windows_sound_where_the_clip_shows_impacts(one_object, kind):
             meta = ds.by_id[v["id"]]["meta"]   # the sampler keeps only what plans read
             contacts = [k / v["fps"] for k in floor_contacts(
                 frames, meta["objects"][0]["colour"], meta["floor_y"])]
-            onsets = logmel_onsets(b["audio"][i, 0].numpy())
+            onsets = logmel_onsets(logmel[i, 0].numpy())
             if not contacts:
                 continue
             row = (share_matched(contacts, onsets, tol), share_matched(onsets, contacts, tol))
@@ -235,7 +244,7 @@ def test_segmented_files_give_the_same_batches_in_both_loaders(segmented):
             assert any(s["start_frame"] <= f0 and f0 + 32 <= s["start_frame"] + s["num_frames"]
                        for s in segs)
         assert (a["video"] - nv(b)).abs().mean() < 0.04  # YUV->RGB rounding only
-        assert (a["audio"] - b["audio"]).abs().max() < 0.02
+        assert (a["audio"] - na(b)).abs().max() < 0.02
     assert n == len(dali)
 
 
@@ -257,9 +266,9 @@ def test_memory_loader_gives_the_pyav_batches(root, request):
                 assert torch.equal(a[k], b[k]), k
             assert a["video"].shape == (6, 3, 16, 112, 112)
             assert torch.equal(a["video"], b["video"])
-            assert a["audio"].shape == b["audio"].shape
+            assert a["audio"].shape == na(b).shape
             # dB values (floor -100): equal to float32 rounding of the FFT and the mel product
-            torch.testing.assert_close(a["audio"], b["audio"], rtol=0, atol=2e-4)
+            torch.testing.assert_close(a["audio"], na(b), rtol=0, atol=2e-4)
         assert n == len(mem) == len(pyav) > 0
     # each clip's own window is a slice; the hard negatives here are shifted by times off the
     # STFT grid and were computed window by window: both paths were compared above
@@ -436,8 +445,8 @@ def test_gpu_mixed_decoder_on_h264_gives_the_pyav_batches(h264_set, pipes):
         print("video err", err.mean().item(), "one frame off", shifted.mean().item())
         assert err.max() < 0.06 and (err[:, 1:] < shifted).float().mean() > 0.95
         assert_same_crop(va, vb)   # crop_mirror_normalize's per-sample crop on the GPU
-        loud = b["audio"] > -60
-        aerr = (a["audio"].cpu() - b["audio"]).abs()
+        loud = na(b) > -60
+        aerr = (a["audio"].cpu() - na(b)).abs()
         print("log-mel err dB", aerr[loud].max().item())
         assert aerr[loud].max() < 0.05
     assert n == len(dali)

@@ -44,18 +44,36 @@ def window_start(record: dict, t0: float, geo: AudioGeometry) -> int:
     return int(round((t0 - record["audio_start"]) * geo.sr)) - geo.context
 
 
+def _window_span(bank, record: dict, t0: float, geo: AudioGeometry, length: int | None):
+    """(window length, first bank sample of the recorded sound inside it, its samples, where
+    they go in the window)."""
+    first = window_start(record, t0, geo)
+    length = geo.length if length is None else length
+    lo, hi = max(first, 0), min(first + length, record["audio_samples"])
+    off = record["audio_offset"]
+    return length, (bank.pcm[off + lo:off + hi] if hi > lo else None), lo - first
+
+
 def audio_window(bank, record: dict, t0: float, geo: AudioGeometry,
                  length: int | None = None) -> np.ndarray:
     """float32 (geo.length,) samples for the window starting at video time t0 (context
     included); zeros outside the recorded sound. `bank` is an AudioBank. `length`: read that
     many samples instead (the memory loader reads a whole video's sound this way)."""
-    first = window_start(record, t0, geo)
-    length = geo.length if length is None else length
+    length, pcm, at = _window_span(bank, record, t0, geo, length)
     out = np.zeros(length, np.float32)
-    lo, hi = max(first, 0), min(first + length, record["audio_samples"])
-    if hi > lo:
-        off = record["audio_offset"]
-        out[lo - first:hi - first] = bank.pcm[off + lo:off + hi] * np.float32(1 / 32768)
+    if pcm is not None:
+        out[at:at + len(pcm)] = pcm * np.float32(1 / 32768)
+    return out
+
+
+def audio_pcm_window(bank, record: dict, t0: float, geo: AudioGeometry) -> np.ndarray:
+    """audio_window as the bank's int16 samples (x 2^-15 is audio_window, exactly): what the
+    PyAV, SPDL and decord loaders hand over, half the bytes of float32, turned into log-mel on
+    the step's device (AudioFeatures)."""
+    length, pcm, at = _window_span(bank, record, t0, geo, None)
+    out = np.zeros(length, np.int16)
+    if pcm is not None:
+        out[at:at + len(pcm)] = pcm
     return out
 
 
@@ -119,6 +137,16 @@ class LogMel:
         return logmel.transpose(1, 2).unsqueeze(1).contiguous()         # (M, 1, n_mels, F)
 
 
+def _device(device):
+    """`device` as a key: "cuda" is the current GPU's index."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
 class VideoNorm:
     """The model's video input from a batch's video: uint8 (B, 3, T, crop, crop), as the
     PyAV, SPDL, decord and in-memory loaders hand it over (a quarter of the bytes of float32
@@ -135,9 +163,7 @@ class VideoNorm:
         makes them before its first step: the copy to a GPU waits for the host)."""
         import torch
 
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
+        dev = _device(device)
         if dev not in self._consts:
             self._consts[dev] = tuple(
                 torch.tensor(c, dtype=torch.float32).view(1, 3, 1, 1, 1).to(dev)
@@ -157,6 +183,61 @@ class VideoNorm:
             out = torch.from_numpy(np.empty(tuple(video.shape), np.float32))
         x = video.float() if out is None else out.copy_(video)
         return x.div_(255).sub_(m).div_(s)
+
+
+class AudioFeatures:
+    """The model's audio input from a batch's audio: int16 (M, geo.length) sound windows, as
+    the PyAV, SPDL and decord loaders hand them over (audio_pcm_window), -> float32
+    (M, 1, n_mels, frames) log-mel (LogMel) on the tensor's device, the values LogMel gives
+    for audio_window's floats; a float log-mel (DALI's, the memory loader's) is returned as it
+    is. The window and the filters are made once per device."""
+
+    def __init__(self, geo: AudioGeometry):
+        self.geo = geo
+        self._logmel: dict = {}
+
+    def logmel(self, device) -> LogMel:
+        """The LogMel on `device`, made once (before a trainer's first step: the copy of its
+        window and filters to a GPU waits for the host)."""
+        dev = _device(device)
+        if dev not in self._logmel:
+            self._logmel[dev] = LogMel(self.geo, dev)
+        return self._logmel[dev]
+
+    def __call__(self, audio):
+        import torch
+
+        if audio.is_floating_point():
+            return audio
+        # float32 throughout, also where called inside autocast (its matmul would be half)
+        with torch.autocast(audio.device.type, enabled=False):
+            # int16 -> float32 and the power of two are exact: audio_window's floats
+            return self.logmel(audio.device)(audio.float().mul_(1 / 32768))
+
+
+class ModelInputs:
+    """A loader's batch as the model takes it, on the device its tensors are on: uint8 video
+    normalised (VideoNorm), int16 sound windows turned into log-mel (AudioFeatures); DALI's
+    batches, normalised and transformed in its pipelines, pass as they are. The step, the
+    evaluation and fine-tuning call it once their batch is on the device, where the work is
+    free beside a GPU and the copy is smaller."""
+
+    def __init__(self, d: DataConfig):
+        self.video = VideoNorm(d.mean, d.std)
+        self.audio = AudioFeatures(AudioGeometry(d))
+
+    def prepare(self, device) -> None:
+        """Make the constants on `device` now (a trainer does, before its first step)."""
+        self.video.consts(device)
+        self.audio.logmel(device)
+
+    def __call__(self, batch: dict) -> dict:
+        out = dict(batch)
+        if "video" in out:
+            out["video"] = self.video(out["video"])
+        if "audio" in out:
+            out["audio"] = self.audio(out["audio"])
+        return out
 
 
 def normalise_clips(clips: np.ndarray, mean, std, out=None):

@@ -4,9 +4,11 @@
     for epoch in range(10):
         for batch in loader.epoch(epoch):
             batch["video"]   # (B, 3, T, crop, crop): float32 normalised (DALI) or uint8
-                             # crops (the CPU loaders), normalised by the step on its device
-                             # (features.VideoNorm)
-            batch["audio"]   # (M, 1, n_mels, frames) float32 log-mel; M = B or B(1+k)
+                             # crops (the CPU loaders)
+            batch["audio"]   # (M, 1, n_mels, frames) float32 log-mel (DALI, memory) or
+                             # (M, samples) int16 sound windows (PyAV, SPDL, decord);
+                             # M = B or B(1+k); the step makes both into the model's inputs
+                             # on its device (features.ModelInputs)
             ...              # label, role, clip_video, clip_t0, audio_video, audio_t0,
                              # audio_owner (M or B,), hard_share, faults
 

@@ -178,7 +178,7 @@ class MemoryLoader(BaseLoader):
         for b in range(start, len(self.sampler)):
             plan = self.sampler.plan(epoch, b)
             batch = build_batch(self.cache, self.sampler.videos, plan, self.cfg.data, self._geo,
-                                self._logmel, self.range, audio_features=self.audio)
+                                self.range, audio_features=self.audio)
             if batch["fault_errors"]:
                 self.record_faults(plan, batch["fault_errors"])
             yield batch

@@ -1,6 +1,7 @@
-"""The PyAV baseline loader: torch DataLoader workers decode each planned batch with PyAV and
-compute the log-mel in PyTorch (features.py). It is the comparison row of the benchmarks and
-the debugging path; it produces the same batches as the DALI loader from the same plans."""
+"""The PyAV loader: threads, or torch DataLoader worker processes, decode each planned batch
+with PyAV (or SPDL, decord: a frame_reader), cut the crops and read the sound windows; the step
+normalises the video and computes the log-mel on its device (features.ModelInputs). From the
+same plans, its batches are the DALI loader's as the model takes them."""
 from __future__ import annotations
 
 import threading
@@ -10,7 +11,7 @@ from contextlib import nullcontext
 import numpy as np
 
 from .base_loader import BaseLoader, plan_meta, substitute
-from .features import AudioGeometry, LogMel, audio_window
+from .features import AudioGeometry, audio_pcm_window
 
 
 class _PlannedBatches:
@@ -54,11 +55,10 @@ class _PlannedBatches:
                 # threads stay)
                 torch.set_num_threads(1)
             r.geo = AudioGeometry(self.cfg.data)
-            r.logmel = LogMel(r.geo)
             r.ds = ds
         epoch, batch = divmod(self.start + i, len(self.sampler))
         plan = self.sampler.plan(self.epoch0 + epoch, batch)
-        return build_batch(r.ds, self.sampler.videos, plan, self.cfg.data, r.geo, r.logmel)
+        return build_batch(r.ds, self.sampler.videos, plan, self.cfg.data, r.geo)
 
 
 class _ThreadedBatches:
@@ -95,15 +95,15 @@ class _ThreadedBatches:
         self.pending.clear()
 
 
-def build_batch(ds, videos: list[dict], plan: dict, d, geo: AudioGeometry, logmel,
+def build_batch(ds, videos: list[dict], plan: dict, d, geo: AudioGeometry,
                 rng=None, audio_features=None) -> dict:
-    """Decode and transform one planned batch (the reference path): the video as uint8 crops
-    (B, 3, T, crop, crop), flipped where planned, that the step normalises on the device
-    (features.VideoNorm); the log-mel as float32. `rng(name)`: an optional
-    named-range context (profiler / NVTX) around decoding and the audio features.
-    `audio_features(plan)`: the (M, 1, n_mels, frames) log-mel of the plan's windows from
-    somewhere else (the memory loader's per-video cache); default: each window read from the
-    bank and transformed here."""
+    """Decode one planned batch (the reference path): the video as uint8 crops
+    (B, 3, T, crop, crop), flipped where planned, and the sound as the plan's int16
+    (M, geo.length) windows, which the step turns into the model's inputs on its device
+    (features.ModelInputs: normalised video, log-mel). `rng(name)`: an optional named-range
+    context (profiler / NVTX) around decoding and the audio. `audio_features(plan)`: the
+    (M, 1, n_mels, frames) float32 log-mel of the plan's windows from somewhere else (the
+    memory loader's per-video cache) instead of the windows."""
     import torch
 
     rng = rng or (lambda name: nullcontext())
@@ -153,9 +153,9 @@ def build_batch(ds, videos: list[dict], plan: dict, d, geo: AudioGeometry, logme
         if audio_features is not None:
             audio = audio_features(plan)
         else:
-            windows = np.stack([audio_window(ds.bank, videos[vi], t, geo)
-                                for vi, t in zip(plan["audio_video"], plan["audio_t0"])])
-            audio = logmel(torch.from_numpy(windows))
+            audio = torch.from_numpy(np.stack([
+                audio_pcm_window(ds.bank, videos[vi], t, geo)
+                for vi, t in zip(plan["audio_video"], plan["audio_t0"])]))
     out = dict(video=video, audio=audio, **plan_meta(plan))
     out["fault_errors"] = {int(i): e for i, e in bad.items()}
     return out

@@ -1,7 +1,7 @@
 """`loader.kind=spdl`: the PyAV loader's worker processes, each video's frames decoded with
 Meta's SPDL (`spdl.io`) instead of PyAV: the fastest CPU decoder measured on this project's
-sets (bench/bench_decoders.py). Plans, crops, flips, audio windows and log-mel are the PyAV
-loader's (`build_batch`), and the frames are the same pixels as PyAV's (tests/test_loaders.py),
+sets (bench/bench_decoders.py). Plans, crops, flips and audio windows are the PyAV loader's
+(`build_batch`), and the frames are the same pixels as PyAV's (tests/test_loaders.py),
 so the batches are the PyAV loader's, bit for bit.
 
 SPDL is pip-installable (`pip install 'fastavts[spdl]'`) but loads FFmpeg's shared libraries

@@ -86,10 +86,11 @@ class TrainStep:
         self.bad_total, self.bad_run, self.bad_run_max = z(), z(), z()
         self.stats = torch.zeros(4, device=device)   # the objective's pair_stats, last step
         self.group = objective.group if objective is not None else None
-        from ..data.features import VideoNorm
-        # uint8 video from the CPU loaders is normalised here, on the device
-        self.video_norm = VideoNorm(cfg.data.mean, cfg.data.std)
-        self.video_norm.consts(device)
+        from ..data.features import ModelInputs
+        # the CPU loaders' uint8 video and int16 sound become the model's inputs here, on the
+        # device; its constants are made now, not in a step
+        self.inputs = ModelInputs(cfg.data)
+        self.inputs.prepare(device)
 
     def warm_up(self) -> None:
         """The objective's fused kernels compiled and autotuned before the first step, timed by
@@ -103,15 +104,14 @@ class TrainStep:
         agree(lambda: self.objective.warm_up(self.device, dtype), self.world)
 
     def to_device(self, batch: dict) -> dict:
-        """Every tensor of the batch on the device (asynchronous from pinned memory), the
-        video normalised there where a loader handed it over as uint8 (features.VideoNorm)."""
+        """Every tensor of the batch on the device (asynchronous from pinned memory), made
+        there into what the model takes where a loader handed over uint8 video and int16 sound
+        (features.ModelInputs)."""
         out = dict(batch)
         for k, t in batch.items():
             if torch.is_tensor(t) and t.device != self.device:
                 out[k] = t.to(self.device, non_blocking=True)
-        if "video" in out:
-            out["video"] = self.video_norm(out["video"])
-        return out
+        return self.inputs(out)
 
     def forward_loss(self, b: dict) -> torch.Tensor:
         """The loss of a batch already on the device (inside autocast)."""
