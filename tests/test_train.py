@@ -248,12 +248,15 @@ def test_a_checkpoint_written_on_a_gpu_loads_here(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kind,loss", [("dali", "contrastive"), ("memory", "infonce")])
+@pytest.mark.parametrize("kind,loss", [("dali", "contrastive"), ("memory", "infonce"),
+                                       ("pyav", "infonce")])
 def test_a_steady_state_gpu_step_never_waits_for_the_host(synth_dir, tmp_path_factory, tmp_path,
                                                           kind, loss):
     """train.sync_check=3: from the 4th step on, any host-device synchronisation inside a step
     (data included) raises (torch.cuda.set_sync_debug_mode('error')); 9 steps over 3 epochs,
-    the fused kernel (contrastive) or InfoNCE, DALI on NVDEC or the in-memory loader."""
+    the fused kernel (contrastive) or InfoNCE, DALI on NVDEC, the in-memory loader (uint8
+    video normalised in the step) or the PyAV loader (int16 sound made into log-mel in the step
+    too)."""
     from fastavts.data.prepare import prepare
 
     h264 = tmp_path_factory.mktemp("h264")
