@@ -195,3 +195,37 @@ def test_a_loader_worker_reads_frames_without_the_manifest_rows(prepared):
     assert np.array_equal(worker.bank.pcm, full.bank.pcm)
     with pytest.raises(KeyError, match="no video"):
         worker.frames(rec["id"], [0])   # by id it has nothing to look in
+
+
+def test_columns_read_in_one_pass_equal_those_read_key_by_key(prepared, monkeypatch):
+    """The one pass over the rows (VideoTable's columns) against a pass per key (_column, the
+    reading it replaced), on whole rows, and on rows where one lacks a key, one holds None (a
+    float: NaN; an integer: 0, flagged missing), one a NaN: the same columns and the same
+    missing rows either way."""
+    import numpy as np
+
+    import fastavts.data.video_table as vt
+
+    rows = Dataset.open(prepared).videos
+    odd = [dict(rows[0], id="nan", duration=float("nan")),
+           dict(rows[1], id="none", audio_start=None, width=None),
+           {k: v for k, v in dict(rows[0], id="lacks").items() if k != "audio_samples"}]
+    for case in (rows, rows + odd[:1], rows + odd):
+        one = VideoTable(case)
+        monkeypatch.setattr(vt, "_columns", lambda records, keys: None)
+        each = VideoTable(case)
+        monkeypatch.undo()
+        for k in (*vt.FLOATS, *vt.INTS):
+            np.testing.assert_array_equal(getattr(one, k), getattr(each, k))
+            assert getattr(one, k).dtype == getattr(each, k).dtype
+            blank = float("nan") if k in vt.FLOATS else 0
+            want = np.array([blank if r.get(k) is None else r[k] for r in case], float)
+            np.testing.assert_array_equal(getattr(one, k).astype(float), want)
+        assert one.missing.keys() == each.missing.keys()
+        for k in one.missing:
+            np.testing.assert_array_equal(one.missing[k], each.missing[k])
+        if case is not rows:
+            assert np.isnan(one.duration[len(rows)])
+    assert set(one.missing) == {"width", "audio_samples"}
+    with pytest.raises(KeyError):
+        one[len(rows) + 2]["audio_samples"]
