@@ -14,11 +14,23 @@ sys.path.insert(0, str(HERE.parent))
 
 
 def git_sha() -> str:
+    """The commit of the fastavts code this process imported, "+dirty" where its package
+    files differ from it; "unknown" outside a checkout. Not the bench script's folder: an
+    editable install's import hook comes before PYTHONPATH, so a script run from a worktree of
+    another commit still measures the installed checkout's code."""
+    import fastavts
+
+    root = Path(fastavts.__file__).resolve().parent.parent
+
+    def git(*args) -> str:
+        return subprocess.run(["git", *args], cwd=root, text=True, capture_output=True,
+                              check=True).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
-                              capture_output=True, check=True).stdout.strip()
+        sha = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "fastavts", "kernels")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return sha + ("+dirty" if dirty else "")
 
 
 def context() -> dict:

@@ -332,3 +332,37 @@ def test_bench_sampler_rows_at_a_small_scale(tmp_path):
     # stay small, its resident set grows by the pages it read
     assert r["pickled_mb"] < 1 and r["worker_anon_after_plans_mb"] < 50
     assert r["worker_rss_after_plans_mb"] > 0
+
+
+def test_rows_name_the_commit_of_the_code_imported(tmp_path, monkeypatch):
+    """A row's `git` is the commit of the checkout fastavts was imported from, "+dirty" where
+    its package files were changed (not the bench script's folder, which an editable install
+    does not follow); "unknown" outside a checkout."""
+    import subprocess
+
+    import fastavts
+
+    import common
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              cwd=tmp_path, check=True, capture_output=True,
+                              text=True).stdout.strip()
+    (tmp_path / "fastavts").mkdir()
+    (tmp_path / "fastavts" / "__init__.py").write_text("x = 1\n")
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "results.jsonl").write_text("{}\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "-m", "one")
+    sha = git("rev-parse", "--short", "HEAD")
+    monkeypatch.setattr(fastavts, "__file__", str(tmp_path / "fastavts" / "__init__.py"))
+    assert common.git_sha() == sha
+    (tmp_path / "bench" / "results.jsonl").write_text("{}\n{}\n")   # rows appended: clean
+    assert common.git_sha() == sha
+    (tmp_path / "fastavts" / "__init__.py").write_text("x = 2\n")
+    assert common.git_sha() == sha + "+dirty"
+    elsewhere = tmp_path.parent / f"{tmp_path.name}_plain" / "fastavts"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.setattr(fastavts, "__file__", str(elsewhere / "__init__.py"))
+    assert common.git_sha() == "unknown"
