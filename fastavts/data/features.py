@@ -45,8 +45,8 @@ def window_start(record: dict, t0: float, geo: AudioGeometry) -> int:
 
 
 def _window_span(bank, record: dict, t0: float, geo: AudioGeometry, length: int | None):
-    """(window length, first bank sample of the recorded sound inside it, its samples, where
-    they go in the window)."""
+    """(window length, the bank's recorded samples that fall inside the window or None, where
+    in the window they start)."""
     first = window_start(record, t0, geo)
     length = geo.length if length is None else length
     lo, hi = max(first, 0), min(first + length, record["audio_samples"])
