@@ -247,21 +247,26 @@ def test_a_checkpoint_written_on_a_gpu_loads_here(tmp_path, monkeypatch):
     assert back["rng"]["torch"].device.type == "cpu"
 
 
+@pytest.fixture(scope="module")
+def h264_prepared(synth_dir, tmp_path_factory):
+    """The small synthetic set prepared as H.264 (NVDEC's codec), once for the module."""
+    from fastavts.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("h264")
+    prepare(synth_dir, out, small_cfg("prepare.codec=h264"), progress=False)
+    return out
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kind,loss", [("dali", "contrastive"), ("memory", "infonce"),
                                        ("pyav", "infonce")])
-def test_a_steady_state_gpu_step_never_waits_for_the_host(synth_dir, tmp_path_factory, tmp_path,
-                                                          kind, loss):
+def test_a_steady_state_gpu_step_never_waits_for_the_host(h264_prepared, tmp_path, kind, loss):
     """train.sync_check=3: from the 4th step on, any host-device synchronisation inside a step
     (data included) raises (torch.cuda.set_sync_debug_mode('error')); 9 steps over 3 epochs,
     the fused kernel (contrastive) or InfoNCE, DALI on NVDEC, the in-memory loader (uint8
     video normalised in the step) or the PyAV loader (int16 sound made into log-mel in the step
     too)."""
-    from fastavts.data.prepare import prepare
-
-    h264 = tmp_path_factory.mktemp("h264")
-    prepare(synth_dir, h264, small_cfg("prepare.codec=h264"), progress=False)
-    cfg = cfg_for(h264, "loader.device=gpu", f"loader.kind={kind}", "sampler.pairs=inbatch",
+    cfg = cfg_for(h264_prepared, "loader.device=gpu", f"loader.kind={kind}", "sampler.pairs=inbatch",
                   f"loss.kind={loss}", "train.epochs=3", "train.sync_check=3",
                   "train.log_every=1000", "train.precision=bf16")
     r = train(cfg, tmp_path, progress=False)
