@@ -173,14 +173,13 @@ class SamplerConfig:
 @dataclass
 class LoaderConfig:
     """How batches are decoded: DALI (on a GPU; its CPU decoder on request), SPDL or PyAV
-    (the CPU default: SPDL where its FFmpeg loads, else PyAV), decord, or from frames decoded once and kept in memory (small sets on a
-    CPU)."""
+    (the CPU default: SPDL where its FFmpeg loads, else PyAV), decord, or from frames decoded
+    once and kept in memory (small sets on a CPU)."""
     kind: str = _f("auto", "auto: dali where it decodes on a GPU (loader.device=gpu, or auto "
                    "with one visible), else spdl where it is installed and FFmpeg's libraries "
                    "load in this process, else pyav (the same batches); "
-                   "dali: fn.decoders.video + DALI log-mel; pyav: "
-                   "workers decoding with PyAV, log-mel in PyTorch in the step; memory: each video decoded "
-                   "once (PyAV) and kept in RAM, batches cut from it in the training process "
+                   "dali: fn.decoders.video + DALI log-mel; pyav: workers decoding with "
+                   "PyAV, log-mel in PyTorch in the step; memory: each video decoded once (PyAV) and kept in RAM, batches cut from it in the training process "
                    "(small sets on a CPU, where decoding would take the cores the model needs); "
                    "decord: the pyav loader decoding with decord (a benchmark baseline; "
                    "pip install decord); spdl: the pyav loader decoding with SPDL, the "

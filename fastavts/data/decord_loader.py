@@ -1,6 +1,6 @@
 """`loader.kind=decord`: the PyAV loader's worker processes, each clip's frames decoded with
-decord (the reader MMAction2's users decode with) instead of PyAV. The plans, crops, flips,
-audio windows are the PyAV loader's (`build_batch`), so given a plan the two give
+decord (the reader MMAction2's users decode with) instead of PyAV. The plans, crops, flips
+and audio windows are the PyAV loader's (`build_batch`), so given a plan the two give
 the same batch up to the decoders' YUV->RGB rounding. It is a baseline for
 bench/bench_data.py, not a training path: DALI (GPU) and the in-memory loader (small sets on a
 CPU) are faster where they apply.

@@ -14,8 +14,8 @@
 
 `loader.kind` is "auto" (the default: runtime.loader_choice, "dali" where it decodes on a
 GPU, else "spdl" where its FFmpeg loads here, else "pyav"), "dali", "pyav", "memory" (frames
-decoded once and kept in RAM; small sets on a CPU), "decord" (the PyAV loader's workers decoding with decord, MMAction2's reader: a
-baseline for the benchmarks) or "spdl" (the PyAV loader's workers decoding with SPDL, the
+decoded once and kept in RAM; small sets on a CPU), "decord" (the PyAV loader's workers
+decoding with decord, MMAction2's reader: a baseline for the benchmarks) or "spdl" (the PyAV loader's workers decoding with SPDL, the
 fastest CPU decoder; spdl_loader.py says what it needs); all take the same plans and give the
 same layout.
 `loader.state_dict()` saves the position (the sampler's), so a resumed run continues at the

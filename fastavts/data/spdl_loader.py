@@ -158,24 +158,23 @@ class SpdlLoader(PyAVLoader):
                 import spdl.io
                 spdl.io.decode_packets(spdl.io.demux_video(first, timestamp=(0.0, 0.1)))
             except Exception as e:
-                if lc.pool == "auto" and lc.workers:
-                    # threads would be the faster, but only processes started with
-                    # loader.ffmpeg_libs on their library path can load FFmpeg here
-                    self._pool = "processes"   # (only where loader.pool=auto)
-                    probe(first, lc.ffmpeg_libs)
-                    self._env = worker_env(lc.ffmpeg_libs)
-                    return
-                folder = ("$(python -c 'from fastavts.data.spdl_loader import "
-                          "pyav_ffmpeg_libs; print(pyav_ffmpeg_libs())')"
-                          if lc.ffmpeg_libs in ("", "pyav") else lc.ffmpeg_libs)
-                raise ConfigError(
-                    f"loader.kind=spdl with {'loader.workers=0' if lc.workers == 0 else 'loader.pool=threads'} "
-                    f"decodes in this process, and SPDL cannot decode {first} here "
-                    f"({type(e).__name__}: {str(e)[:200]}). FFmpeg's libraries must load "
-                    f"when python starts: {INSTALL.split('; ', 1)[1]}, then start with "
-                    f"LD_LIBRARY_PATH={folder} (loader.ffmpeg_libs reaches worker "
-                    f"processes only), or use loader.pool=processes.") from None
-        else:
+                if not (lc.pool == "auto" and lc.workers):
+                    folder = ("$(python -c 'from fastavts.data.spdl_loader import "
+                              "pyav_ffmpeg_libs; print(pyav_ffmpeg_libs())')"
+                              if lc.ffmpeg_libs in ("", "pyav") else lc.ffmpeg_libs)
+                    asked = "loader.workers=0" if lc.workers == 0 else "loader.pool=threads"
+                    raise ConfigError(
+                        f"loader.kind=spdl with {asked} decodes in this process, and SPDL "
+                        f"cannot decode {first} here ({type(e).__name__}: {str(e)[:200]}). "
+                        f"FFmpeg's libraries must load when python starts: "
+                        f"{INSTALL.split('; ', 1)[1]}, then start with "
+                        f"LD_LIBRARY_PATH={folder} (loader.ffmpeg_libs reaches worker "
+                        f"processes only), or use loader.pool=processes.") from None
+                # threads would be the faster, but only processes started with
+                # loader.ffmpeg_libs on their library path can load FFmpeg here
+                self._pool = "processes"   # (only where loader.pool=auto)
+                in_process = False
+        if not in_process:   # worker processes decode: they must load FFmpeg
             probe(first, lc.ffmpeg_libs)
         self._env = worker_env(lc.ffmpeg_libs)
 
